@@ -1,0 +1,207 @@
+"""Triton kernels for one DDIM update (Song et al., 2021, arXiv 2010.02502).
+
+Only ``@triton.jit`` code lives here; launch logic (shapes, strides, grid, registration) is in ``fastddim/ops.py``
+and the pure-PyTorch twin of every formula is in ``fastddim/reference.py``.
+
+Notation (code name -> paper symbol; alpha_prod is diffusers' ``alphas_cumprod``, the paper's alpha_t):
+
+    sqrt_alpha_prod_t       sqrt(alpha_t)
+    sqrt_beta_prod_t        sqrt(1 - alpha_t)
+    sqrt_alpha_prod_prev    sqrt(alpha_{t-1})                (alpha_{t-1} = final_alpha_cumprod past t = 0)
+    std_dev_t               sigma_t = eta * sqrt((1 - alpha_{t-1}) / (1 - alpha_t) * (1 - alpha_t / alpha_{t-1})), eq. (16)
+    direction_coef          sqrt(1 - alpha_{t-1} - sigma_t^2), eq. (12)
+    pred_original_sample    "predicted x_0", eq. (12)
+    pred_epsilon            epsilon_theta(x_t)
+    prev_sample             x_{t-1}, eq. (12)
+
+The per-timestep scalars come from a small fp32 table (``fastddim.ops.build_coefficient_table``) computed by the
+same torch operations diffusers uses, so they are bit-identical to diffusers' 0-dim coefficients. Every elementwise
+operation is then a separate IEEE-rounded fp32 op in diffusers' order, so fp32 results match diffusers bit for bit:
+divisions use ``div_rn`` (plain ``/`` lowers to an approximate division on NVIDIA GPUs) and the launcher disables
+mul+add -> FMA contraction.
+"""
+
+import triton
+import triton.language as tl
+
+# Column layout of the per-timestep coefficient table built by ``fastddim.ops.build_coefficient_table``.
+COEF_SQRT_ALPHA_PROD_T = tl.constexpr(0)
+COEF_SQRT_BETA_PROD_T = tl.constexpr(1)
+COEF_SQRT_ALPHA_PROD_PREV = tl.constexpr(2)
+COEF_STD_DEV_T = tl.constexpr(3)
+COEF_DIRECTION = tl.constexpr(4)
+NUM_COEFS = tl.constexpr(8)
+
+# PREDICTION_TYPE values (the order of ``fastddim.ops.PREDICTION_TYPES``).
+EPSILON = tl.constexpr(0)
+SAMPLE = tl.constexpr(1)
+V_PREDICTION = tl.constexpr(2)
+
+# NOISE_MODE values.
+NOISE_NONE = tl.constexpr(0)
+NOISE_TENSOR = tl.constexpr(1)
+NOISE_PHILOX = tl.constexpr(2)
+
+
+@triton.jit
+def _load_coefficient(coef_row_ptr, column: tl.constexpr, row_valid):
+    # An out-of-range device timestep cannot raise without a host sync; NaN coefficients make it visible instead.
+    return tl.load(coef_row_ptr + column, mask=row_valid, other=float("nan"))
+
+
+@triton.jit
+def _coefficient_row(
+    coef_table_ptr,  # [num_train_timesteps, NUM_COEFS] fp32, contiguous
+    timestep_ptr,  # int64 scalar, read only when TIMESTEP_FROM_PTR
+    timestep,  # Python int timestep, used when not TIMESTEP_FROM_PTR
+    num_train_timesteps,
+    TIMESTEP_FROM_PTR: tl.constexpr,
+):
+    """Returns (pointer to the table row of this step's timestep, whether that timestep is in range)."""
+    if TIMESTEP_FROM_PTR:
+        t = tl.load(timestep_ptr).to(tl.int64)
+    else:
+        t = tl.full((), timestep, tl.int64)
+    row_valid = (t >= 0) & (t < num_train_timesteps)
+    t = tl.where(row_valid, t, 0)
+    return coef_table_ptr + t * NUM_COEFS, row_valid
+
+
+@triton.jit
+def _pred_original_sample(model_output, sample, sqrt_alpha_prod_t, sqrt_beta_prod_t, PREDICTION_TYPE: tl.constexpr):
+    """Predicted x_0 from the model output, eq. (12) "predicted x_0" (fp32 in, fp32 out)."""
+    if PREDICTION_TYPE == EPSILON:
+        return tl.math.div_rn(sample - sqrt_beta_prod_t * model_output, sqrt_alpha_prod_t)
+    elif PREDICTION_TYPE == SAMPLE:
+        return model_output
+    else:
+        return sqrt_alpha_prod_t * sample - sqrt_beta_prod_t * model_output
+
+
+@triton.jit
+def _element_offsets(
+    idx,  # [BLOCK_SIZE] int64 logical (row-major) element index
+    size1,
+    size2,
+    size3,
+    stride0,
+    stride1,
+    stride2,
+    stride3,
+):
+    """Memory offsets of logical indices into a 4-D strided view."""
+    i3 = idx % size3
+    rest = idx // size3
+    i2 = rest % size2
+    rest = rest // size2
+    i1 = rest % size1
+    i0 = rest // size1
+    return i0 * stride0 + i1 * stride1 + i2 * stride2 + i3 * stride3
+
+
+@triton.jit
+def _ddim_step_kernel(
+    # Pointers to tensors
+    model_output_ptr,  # [B, D1, D2, D3] any float dtype
+    sample_ptr,  # [B, D1, D2, D3] same dtype as model_output
+    noise_ptr,  # [B, D1, D2, D3] (may have 0 strides) when NOISE_MODE == NOISE_TENSOR
+    prev_sample_ptr,  # [B, D1, D2, D3] output x_{t-1}
+    pred_original_ptr,  # [B, D1, D2, D3] output x_0, same strides as prev_sample
+    coef_table_ptr,  # [num_train_timesteps, NUM_COEFS] fp32
+    timestep_ptr,  # int64 scalar when TIMESTEP_FROM_PTR
+    seed_ptr,  # int64 [1] Philox seed when NOISE_MODE == NOISE_PHILOX
+    threshold_scale_ptr,  # fp32 [B] dynamic-threshold s per sample when THRESHOLD
+    # Scalars
+    timestep,
+    num_train_timesteps,
+    clip_sample_range,
+    numel,
+    # Logical shape (the batch size is implied by numel)
+    size1,
+    size2,
+    size3,
+    # Strides, in elements
+    stride_mo0, stride_mo1, stride_mo2, stride_mo3,
+    stride_s0, stride_s1, stride_s2, stride_s3,
+    stride_n0, stride_n1, stride_n2, stride_n3,
+    stride_out0, stride_out1, stride_out2, stride_out3,
+    # Meta-parameters
+    PREDICTION_TYPE: tl.constexpr,
+    CLIP_SAMPLE: tl.constexpr,
+    THRESHOLD: tl.constexpr,
+    USE_CLIPPED_MODEL_OUTPUT: tl.constexpr,
+    NOISE_MODE: tl.constexpr,
+    # All tensors share one dense layout: index memory directly and skip the div/mod address arithmetic.
+    FLAT: tl.constexpr,
+    TIMESTEP_FROM_PTR: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    # int64 so tensors past 2^31 elements index correctly.
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE).to(tl.int64)  # [BLOCK_SIZE]
+    mask = idx < numel
+
+    coef_row_ptr, row_valid = _coefficient_row(
+        coef_table_ptr, timestep_ptr, timestep, num_train_timesteps, TIMESTEP_FROM_PTR
+    )
+    sqrt_alpha_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_T, row_valid)
+    sqrt_beta_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_BETA_PROD_T, row_valid)
+    sqrt_alpha_prod_prev = _load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_PREV, row_valid)
+
+    if FLAT:
+        off_mo = idx
+        off_s = idx
+        off_n = idx
+        off_out = idx
+        batch = idx // stride_out0
+    else:
+        off_mo = _element_offsets(idx, size1, size2, size3, stride_mo0, stride_mo1, stride_mo2, stride_mo3)
+        off_s = _element_offsets(idx, size1, size2, size3, stride_s0, stride_s1, stride_s2, stride_s3)
+        off_n = _element_offsets(idx, size1, size2, size3, stride_n0, stride_n1, stride_n2, stride_n3)
+        off_out = _element_offsets(idx, size1, size2, size3, stride_out0, stride_out1, stride_out2, stride_out3)
+        batch = idx // (size1 * size2 * size3)
+
+    model_output = tl.load(model_output_ptr + off_mo, mask=mask).to(tl.float32)
+    sample = tl.load(sample_ptr + off_s, mask=mask).to(tl.float32)
+
+    # 1. predicted x_0 and epsilon, eq. (12)
+    pred_original = _pred_original_sample(model_output, sample, sqrt_alpha_prod_t, sqrt_beta_prod_t, PREDICTION_TYPE)
+    if PREDICTION_TYPE == EPSILON:
+        pred_epsilon = model_output
+    elif PREDICTION_TYPE == SAMPLE:
+        pred_epsilon = tl.math.div_rn(sample - sqrt_alpha_prod_t * pred_original, sqrt_beta_prod_t)
+    else:
+        pred_epsilon = sqrt_alpha_prod_t * model_output + sqrt_beta_prod_t * sample
+
+    # 2. dynamic thresholding (Imagen, arXiv 2205.11487) has priority over clipping, as in diffusers
+    if THRESHOLD:
+        scale = tl.load(threshold_scale_ptr + batch, mask=mask, other=1.0)
+        pred_original = tl.clamp(pred_original, -scale, scale, propagate_nan=tl.PropagateNan.ALL)
+        pred_original = tl.math.div_rn(pred_original, scale)
+    elif CLIP_SAMPLE:
+        pred_original = tl.clamp(
+            pred_original, -clip_sample_range, clip_sample_range, propagate_nan=tl.PropagateNan.ALL
+        )
+
+    # 3. epsilon re-derived from the clipped x_0
+    if USE_CLIPPED_MODEL_OUTPUT:
+        pred_epsilon = tl.math.div_rn(sample - sqrt_alpha_prod_t * pred_original, sqrt_beta_prod_t)
+
+    # 4. x_{t-1} without noise, eq. (12): sqrt(alpha_{t-1}) x_0 + sqrt(1 - alpha_{t-1} - sigma_t^2) epsilon
+    direction_coef = _load_coefficient(coef_row_ptr, COEF_DIRECTION, row_valid)
+    prev_sample = sqrt_alpha_prod_prev * pred_original + direction_coef * pred_epsilon
+
+    # 5. random noise sigma_t * z, eq. (12)
+    if NOISE_MODE != NOISE_NONE:
+        std_dev_t = _load_coefficient(coef_row_ptr, COEF_STD_DEV_T, row_valid)
+    if NOISE_MODE == NOISE_TENSOR:
+        noise = tl.load(noise_ptr + off_n, mask=mask).to(tl.float32)
+        prev_sample = prev_sample + std_dev_t * noise
+    elif NOISE_MODE == NOISE_PHILOX:
+        # Philox output depends only on (seed, idx): independent of BLOCK_SIZE and of the launch grid.
+        seed = tl.load(seed_ptr)
+        noise = tl.randn(seed, idx)
+        prev_sample = prev_sample + std_dev_t * noise
+
+    tl.store(prev_sample_ptr + off_out, prev_sample.to(prev_sample_ptr.dtype.element_ty), mask=mask)
+    tl.store(pred_original_ptr + off_out, pred_original.to(pred_original_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,247 @@
+"""Launchers for fastddim's Triton kernels: validation-free, allocation, layout, grid, ``torch.library`` registration.
+
+The scheduler (``fastddim/scheduler.py``) validates user input; the functions here assume consistent arguments and
+only decide how to launch. Each op has a pure-PyTorch twin in ``fastddim/reference.py``.
+"""
+
+import os
+
+import torch
+import triton
+
+from fastddim.kernels.ddim_step import _ddim_step_kernel
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+NUM_COEFS = 8
+
+NOISE_NONE = 0
+NOISE_TENSOR = 1
+NOISE_PHILOX = 2
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``), read at call time."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def build_coefficient_table(
+    alphas_cumprod: torch.Tensor,
+    final_alpha_cumprod: torch.Tensor,
+    num_inference_steps: int,
+    eta: float,
+) -> torch.Tensor:
+    """Per-timestep DDIM coefficients, one row per training timestep t, computed on the CPU in fp32.
+
+    Row t holds the scalars diffusers' ``DDIMScheduler.step`` derives for timestep t, previous timestep
+    t - num_train_timesteps // num_inference_steps and this ``eta``, each by the same fp32 torch operations in the
+    same order (diffusers computes them on CPU 0-dim tensors), so a kernel reading the row reproduces diffusers bit
+    for bit. One deliberate difference: the radicand 1 - alpha_prev - sigma^2 is clamped at 0. It is >= 0 in exact
+    arithmetic for 0 <= eta <= 1, but rounds below 0 with a zero terminal SNR, where diffusers returns NaN.
+
+    Columns (see ``fastddim/kernels/ddim_step.py``): sqrt(alpha_t), sqrt(1 - alpha_t), sqrt(alpha_prev), sigma_t,
+    sqrt(1 - alpha_prev - sigma_t^2), and three zero pads (rows of 32 bytes).
+
+    Args:
+        alphas_cumprod (`torch.Tensor`): fp32 [T] cumulative products of alphas.
+        final_alpha_cumprod (`torch.Tensor`): fp32 0-dim alpha used where the previous timestep is negative.
+        num_inference_steps (`int`): N, which fixes the stride T // N to the previous timestep.
+        eta (`float`): the DDIM eta >= 0 of eq. (16).
+
+    Returns:
+        `torch.Tensor`: fp32 [T, 8] CPU table.
+    """
+    alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float32)
+    final_alpha_cumprod = final_alpha_cumprod.detach().to("cpu", torch.float32)
+    num_train_timesteps = alphas_cumprod.shape[0]
+    prev_timesteps = torch.arange(num_train_timesteps) - num_train_timesteps // num_inference_steps
+    alpha_prod_t = alphas_cumprod
+    alpha_prod_prev = torch.where(
+        prev_timesteps >= 0, alphas_cumprod[prev_timesteps.clamp(min=0)], final_alpha_cumprod
+    )
+    beta_prod_t = 1 - alpha_prod_t
+    beta_prod_prev = 1 - alpha_prod_prev
+    # DDIM eq. (16) without eta, in diffusers' `_get_variance` operation order.
+    variance = (beta_prod_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+    std_dev_t = eta * variance**0.5
+    table = torch.zeros(num_train_timesteps, NUM_COEFS, dtype=torch.float32)
+    table[:, 0] = alpha_prod_t**0.5
+    table[:, 1] = beta_prod_t**0.5
+    table[:, 2] = alpha_prod_prev**0.5
+    table[:, 3] = std_dev_t
+    table[:, 4] = (beta_prod_prev - std_dev_t**2).clamp(min=0) ** 0.5
+    return table
+
+
+def _coalesce_layout(shape: tuple[int, ...], strides: list[tuple[int, ...]]) -> tuple[list[int], list[list[int]]] | None:
+    """Express tensors of one logical shape as a [B, D1, D2, D3] strided view shared by all of them.
+
+    Dimension 0 (batch) is kept; size-1 dims are dropped; adjacent inner dims are merged where every tensor is
+    contiguous across them. Returns (sizes [B, D1, D2, D3], per-tensor strides) or None if more than three inner
+    dims remain.
+    """
+    inner = [d for d in range(1, len(shape)) if shape[d] != 1]
+    sizes = [shape[d] for d in inner]
+    per_tensor = [[s[d] for d in inner] for s in strides]
+    merged_sizes: list[int] = []
+    merged_strides: list[list[int]] = [[] for _ in strides]
+    for i, size in enumerate(sizes):
+        if merged_sizes and all(
+            merged_strides[k][-1] == per_tensor[k][i] * size for k in range(len(strides))
+        ):
+            merged_sizes[-1] *= size
+            for k in range(len(strides)):
+                merged_strides[k][-1] = per_tensor[k][i]
+        else:
+            merged_sizes.append(size)
+            for k in range(len(strides)):
+                merged_strides[k].append(per_tensor[k][i])
+    if len(merged_sizes) > 3:
+        return None
+    pad = 3 - len(merged_sizes)
+    batch = shape[0] if len(shape) > 0 else 1
+    out_sizes = [batch] + [1] * pad + merged_sizes
+    out_strides = [[s[0]] + [0] * pad + m for s, m in zip(strides, merged_strides)]
+    return out_sizes, out_strides
+
+
+def _launch_config(numel: int) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps): a small heuristic, no autotune (the step is cheap to rerun but capture forbids it)."""
+    if interpreting():
+        # The interpreter runs programs one after another at a roughly fixed cost each: use few, large programs.
+        return min(triton.next_power_of_2(max(numel, 1)), 1 << 16), 4
+    if numel >= 1 << 20:
+        return 4096, 8
+    return 1024, 4
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    """Whether the tensor's elements fill exactly ``numel`` consecutive storage slots (any dim order)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(tensor.shape, tensor.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _empty_like(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty_like(tensor, dtype=dtype, memory_format=torch.preserve_format)
+
+
+@torch.library.triton_op("fastddim::ddim_step", mutates_args={})
+def ddim_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    coef_table: torch.Tensor,
+    timestep_tensor: torch.Tensor | None,
+    timestep: int,
+    noise: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    threshold_scale: torch.Tensor | None,
+    add_noise: bool,
+    prediction_type: int,
+    clip_sample: bool,
+    clip_sample_range: float,
+    use_clipped_model_output: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused DDIM update on a CUDA (or, under ``TRITON_INTERPRET=1``, CPU) tensor. Returns (prev, x_0).
+
+    Args:
+        model_output, sample: the denoiser output and x_t, same shape and dtype (fp16/bf16/fp32), rank >= 1.
+        coef_table: fp32 [T, 8] table from ``build_coefficient_table`` (for this eta) on the tensors' device.
+        timestep_tensor: 0-dim int timestep on the device (graph-friendly); if None, ``timestep`` is used.
+        noise: z of eq. (12), broadcast to ``sample``'s shape; used when ``add_noise`` and ``seed`` is None.
+        seed: int64 [1] Philox seed on the device; with ``add_noise``, noise is generated in the kernel from it.
+        threshold_scale: fp32 [B] dynamic-thresholding s per sample; replaces clipping when given.
+        add_noise: add sigma_t * z (diffusers does so only when eta > 0).
+        prediction_type: index into ``PREDICTION_TYPES``.
+        clip_sample, clip_sample_range: clamp x_0 to +-range (ignored with ``threshold_scale``).
+        use_clipped_model_output: re-derive epsilon from the clipped x_0.
+        out_dtype: dtype of both outputs.
+    """
+    prev_sample = _empty_like(sample, out_dtype)
+    pred_original = _empty_like(sample, out_dtype)
+    numel = sample.numel()
+    if numel == 0:
+        return prev_sample, pred_original
+
+    if add_noise and seed is not None:
+        noise_mode = NOISE_PHILOX
+    elif add_noise and noise is not None:
+        noise_mode = NOISE_TENSOR
+    else:
+        noise_mode = NOISE_NONE
+    noise_view = noise.expand_as(sample) if noise_mode == NOISE_TENSOR else sample
+
+    shape = tuple(sample.shape) if sample.dim() > 0 else (1,)
+    tensors = [model_output, sample, noise_view, prev_sample]
+    strides = [tuple(t.stride()) if t.dim() > 0 else (1,) for t in tensors]
+    layout = _coalesce_layout(shape, strides)
+    if layout is None:
+        # More than four non-mergeable dims: copy to the output's layout once (rare; e.g. a permuted 6-D video).
+        model_output, sample = model_output.contiguous(), sample.contiguous()
+        noise_view = noise_view.contiguous()
+        prev_sample, pred_original = prev_sample.contiguous(), pred_original.contiguous()
+        strides = [tuple(t.stride()) for t in (model_output, sample, noise_view, prev_sample)]
+        layout = _coalesce_layout(shape, strides)
+    sizes, (stride_mo, stride_s, stride_n, stride_out) = layout
+
+    batch = sizes[0]
+    flat = (
+        stride_mo == stride_s == stride_n == stride_out
+        and _is_dense(prev_sample)
+        and (batch == 1 or stride_out[0] * batch == numel)
+    )
+    if flat:
+        # In the flat path stride_out0 only serves to find an element's batch index.
+        stride_out = [numel // batch] + stride_out[1:]
+
+    block_size, num_warps = _launch_config(numel)
+    grid = (triton.cdiv(numel, block_size),)
+    placeholder = coef_table
+    kernel = torch.library.wrap_triton(_ddim_step_kernel)
+    with torch.cuda.device(sample.device) if sample.is_cuda else _nullcontext():
+        kernel[grid](
+            model_output,
+            sample,
+            noise_view if noise_mode == NOISE_TENSOR else placeholder,
+            prev_sample,
+            pred_original,
+            coef_table,
+            timestep_tensor if timestep_tensor is not None else placeholder,
+            seed if noise_mode == NOISE_PHILOX else placeholder,
+            threshold_scale if threshold_scale is not None else placeholder,
+            timestep,
+            coef_table.shape[0],
+            clip_sample_range,
+            numel,
+            sizes[1],
+            sizes[2],
+            sizes[3],
+            *stride_mo,
+            *stride_s,
+            *stride_n,
+            *stride_out,
+            PREDICTION_TYPE=prediction_type,
+            CLIP_SAMPLE=clip_sample,
+            THRESHOLD=threshold_scale is not None,
+            USE_CLIPPED_MODEL_OUTPUT=use_clipped_model_output,
+            NOISE_MODE=noise_mode,
+            FLAT=flat,
+            TIMESTEP_FROM_PTR=timestep_tensor is not None,
+            BLOCK_SIZE=block_size,
+            num_warps=num_warps,
+            enable_fp_fusion=False,
+        )
+    return prev_sample, pred_original
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

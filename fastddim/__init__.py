@@ -1,3 +1,9 @@
 """fastddim: a Triton-fused, CUDA-graph-ready DDIM sampler for diffusers."""
 
+from diffusers import SchedulerMixin
+
+from fastddim.scheduler import DDIMScheduler
+
 __version__ = "0.1.0"
+
+__all__ = ["DDIMScheduler", "SchedulerMixin", "__version__"]

@@ -1,0 +1,36 @@
+"""Shared test configuration.
+
+Without CUDA the Triton kernels run in Triton's CPU interpreter. ``TRITON_INTERPRET`` is read when ``@triton.jit``
+decorates a function, so it must be set here, before any test module imports ``fastddim``.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # One marker, one meaning: every `gpu` test is skipped cleanly where CUDA is absent.
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(requires_cuda)
+
+
+@pytest.fixture
+def nan_poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``torch.empty``/``torch.empty_like`` return NaN-filled tensors, so unwritten outputs fail comparisons."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(real_empty(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(real_empty_like(*args, **kwargs)))

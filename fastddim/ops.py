@@ -74,7 +74,9 @@ def build_coefficient_table(
     return table
 
 
-def _coalesce_layout(shape: tuple[int, ...], strides: list[tuple[int, ...]]) -> tuple[list[int], list[list[int]]] | None:
+def _coalesce_layout(
+    shape: tuple[int, ...], strides: list[tuple[int, ...]]
+) -> tuple[list[int], list[list[int]]] | None:
     """Express tensors of one logical shape as a [B, D1, D2, D3] strided view shared by all of them.
 
     Dimension 0 (batch) is kept; size-1 dims are dropped; adjacent inner dims are merged where every tensor is
@@ -87,9 +89,7 @@ def _coalesce_layout(shape: tuple[int, ...], strides: list[tuple[int, ...]]) -> 
     merged_sizes: list[int] = []
     merged_strides: list[list[int]] = [[] for _ in strides]
     for i, size in enumerate(sizes):
-        if merged_sizes and all(
-            merged_strides[k][-1] == per_tensor[k][i] * size for k in range(len(strides))
-        ):
+        if merged_sizes and all(merged_strides[k][-1] == per_tensor[k][i] * size for k in range(len(strides))):
             merged_sizes[-1] *= size
             for k in range(len(strides)):
                 merged_strides[k][-1] = per_tensor[k][i]
@@ -102,7 +102,7 @@ def _coalesce_layout(shape: tuple[int, ...], strides: list[tuple[int, ...]]) -> 
     pad = 3 - len(merged_sizes)
     batch = shape[0] if len(shape) > 0 else 1
     out_sizes = [batch] + [1] * pad + merged_sizes
-    out_strides = [[s[0]] + [0] * pad + m for s, m in zip(strides, merged_strides)]
+    out_strides = [[s[0]] + [0] * pad + m for s, m in zip(strides, merged_strides, strict=True)]
     return out_sizes, out_strides
 
 
@@ -119,7 +119,7 @@ def _launch_config(numel: int) -> tuple[int, int]:
 def _is_dense(tensor: torch.Tensor) -> bool:
     """Whether the tensor's elements fill exactly ``numel`` consecutive storage slots (any dim order)."""
     expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(tensor.shape, tensor.stride()) if s != 1):
+    for stride, size in sorted((st, s) for s, st in zip(tensor.shape, tensor.stride(), strict=True) if s != 1):
         if stride != expected:
             return False
         expected *= size

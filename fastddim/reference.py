@@ -38,7 +38,9 @@ def pred_original_sample_ref(
         torch.sub(sample, pred_original, out=pred_original)
         return pred_original.div_(sqrt_alpha_prod_t), model_output
     if prediction_type == "sample":
-        return model_output.clone(), _epsilon_from_pred_original(sample, model_output, sqrt_alpha_prod_t, sqrt_beta_prod_t)
+        return model_output.clone(), _epsilon_from_pred_original(
+            sample, model_output, sqrt_alpha_prod_t, sqrt_beta_prod_t
+        )
     if prediction_type == "v_prediction":
         pred_original = torch.mul(sample, sqrt_alpha_prod_t)
         pred_original.sub_(torch.mul(model_output, sqrt_beta_prod_t))

@@ -120,7 +120,9 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                     f"beta_schedule must be one of {BETA_SCHEDULES} (or pass trained_betas), got {beta_schedule!r}"
                 )
             if not (_is_real(beta_start) and _is_real(beta_end)) or beta_start < 0 or beta_end < beta_start:
-                raise ValueError(f"need 0 <= beta_start <= beta_end, got beta_start={beta_start!r}, beta_end={beta_end!r}")
+                raise ValueError(
+                    f"need 0 <= beta_start <= beta_end, got beta_start={beta_start!r}, beta_end={beta_end!r}"
+                )
         elif len(trained_betas) == 0:
             raise ValueError("trained_betas must not be empty")
         _check_step_config(prediction_type, timestep_spacing, dynamic_thresholding_ratio, sample_max_value)
@@ -265,7 +267,9 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         eta = float(eta)
         thresholding = bool(config.thresholding)
         if thresholding and sample.dim() < 2:
-            raise ValueError(f"dynamic thresholding needs a batch dimension: sample must have rank >= 2, got {sample.dim()}")
+            raise ValueError(
+                f"dynamic thresholding needs a batch dimension: sample must have rank >= 2, got {sample.dim()}"
+            )
         timestep_int, timestep_tensor, promote = self._resolve_timestep(timestep, sample)
         out_dtype = torch.float32 if promote and sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
 
@@ -289,7 +293,9 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         prediction_type = config.prediction_type
         if backend == "torch":
             if add_noise and noise is None:
-                noise = randn_tensor(model_output.shape, generator=None, device=model_output.device, dtype=model_output.dtype)
+                noise = randn_tensor(
+                    model_output.shape, generator=None, device=model_output.device, dtype=model_output.dtype
+                )
             row = table[timestep_int] if timestep_tensor is None else table[timestep_tensor.reshape(())]
             threshold_scale = None
             if thresholding:
@@ -432,7 +438,9 @@ def _check_sample_pair(model_output: object, sample: object) -> None:
             f"model_output and sample must have the same shape, got {tuple(model_output.shape)} and {tuple(sample.shape)}"
         )
     if model_output.dtype != sample.dtype:
-        raise ValueError(f"model_output and sample must have the same dtype, got {model_output.dtype} and {sample.dtype}")
+        raise ValueError(
+            f"model_output and sample must have the same dtype, got {model_output.dtype} and {sample.dtype}"
+        )
     if model_output.device != sample.device:
         raise ValueError(
             f"model_output and sample must be on the same device, got {model_output.device} and {sample.device}"

@@ -58,10 +58,7 @@ def _coefficient_row(
     TIMESTEP_FROM_PTR: tl.constexpr,
 ):
     """Returns (pointer to the table row of this step's timestep, whether that timestep is in range)."""
-    if TIMESTEP_FROM_PTR:
-        t = tl.load(timestep_ptr).to(tl.int64)
-    else:
-        t = tl.full((), timestep, tl.int64)
+    t = tl.load(timestep_ptr).to(tl.int64) if TIMESTEP_FROM_PTR else tl.full((), timestep, tl.int64)
     row_valid = (t >= 0) & (t < num_train_timesteps)
     t = tl.where(row_valid, t, 0)
     return coef_table_ptr + t * NUM_COEFS, row_valid
@@ -121,10 +118,22 @@ def _ddim_step_kernel(
     size2,
     size3,
     # Strides, in elements
-    stride_mo0, stride_mo1, stride_mo2, stride_mo3,
-    stride_s0, stride_s1, stride_s2, stride_s3,
-    stride_n0, stride_n1, stride_n2, stride_n3,
-    stride_out0, stride_out1, stride_out2, stride_out3,
+    stride_mo0,
+    stride_mo1,
+    stride_mo2,
+    stride_mo3,
+    stride_s0,
+    stride_s1,
+    stride_s2,
+    stride_s3,
+    stride_n0,
+    stride_n1,
+    stride_n2,
+    stride_n3,
+    stride_out0,
+    stride_out1,
+    stride_out2,
+    stride_out3,
     # Meta-parameters
     PREDICTION_TYPE: tl.constexpr,
     CLIP_SAMPLE: tl.constexpr,

@@ -41,7 +41,8 @@ def build_coefficient_table(
     arithmetic for 0 <= eta <= 1, but rounds below 0 with a zero terminal SNR, where diffusers returns NaN.
 
     Columns (see ``fastddim/kernels/ddim_step.py``): sqrt(alpha_t), sqrt(1 - alpha_t), sqrt(alpha_prev), sigma_t,
-    sqrt(1 - alpha_prev - sigma_t^2), and three zero pads (rows of 32 bytes).
+    sqrt(1 - alpha_prev - sigma_t^2), the fp32 reciprocals 1 / sqrt(alpha_t) and 1 / sqrt(1 - alpha_t) (PyTorch
+    divides a CUDA tensor by a CPU scalar by multiplying with the reciprocal), and a zero pad (rows of 32 bytes).
 
     Args:
         alphas_cumprod (`torch.Tensor`): fp32 [T] cumulative products of alphas.
@@ -71,6 +72,8 @@ def build_coefficient_table(
     table[:, 2] = alpha_prod_prev**0.5
     table[:, 3] = std_dev_t
     table[:, 4] = (beta_prod_prev - std_dev_t**2).clamp(min=0) ** 0.5
+    table[:, 5] = 1.0 / table[:, 0]
+    table[:, 6] = 1.0 / table[:, 1]
     return table
 
 
@@ -232,6 +235,7 @@ def ddim_step(
             NOISE_MODE=noise_mode,
             FLAT=flat,
             TIMESTEP_FROM_PTR=timestep_tensor is not None,
+            DIVIDE_BY_RECIPROCAL=sample.is_cuda,
             BLOCK_SIZE=block_size,
             num_warps=num_warps,
             enable_fp_fusion=False,

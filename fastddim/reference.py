@@ -89,7 +89,9 @@ def ddim_step_ref(
     compute_dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
     model_output = model_output.to(compute_dtype)
     sample = sample.to(compute_dtype)
-    coef_row = coef_row.to(device=sample.device, dtype=compute_dtype)
+    # Coefficients stay CPU 0-dim tensors, as in diffusers: PyTorch then applies its CPU-scalar rules on every
+    # device (on CUDA, dividing by one multiplies by its reciprocal), which the kernel reproduces.
+    coef_row = coef_row.to(device="cpu", dtype=compute_dtype)
     sqrt_alpha_prod_t, sqrt_beta_prod_t = coef_row[0], coef_row[1]
     sqrt_alpha_prod_prev, std_dev_t, direction_coef = coef_row[2], coef_row[3], coef_row[4]
 

@@ -289,14 +289,16 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                 )
 
         backend = self._backend_for(sample)
-        table = self.coefficient_table(sample.device, eta)
         prediction_type = config.prediction_type
         if backend == "torch":
             if add_noise and noise is None:
                 noise = randn_tensor(
                     model_output.shape, generator=None, device=model_output.device, dtype=model_output.dtype
                 )
-            row = table[timestep_int] if timestep_tensor is None else table[timestep_tensor.reshape(())]
+            if timestep_tensor is not None:
+                # The PyTorch backend is not the graph-capturable path: reading a device timestep here is allowed.
+                timestep_int = self._check_timestep_range(int(timestep_tensor))
+            row = self.coefficient_table("cpu", eta)[timestep_int]
             threshold_scale = None
             if thresholding:
                 from fastddim.threshold import dynamic_threshold_scale_ref
@@ -322,6 +324,7 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
             prev_sample = prev_sample.to(out_dtype)
             pred_original = pred_original.to(out_dtype)
         else:
+            table = self.coefficient_table(sample.device, eta)
             seed = None
             if add_noise and noise is None:
                 # Drawn by a device op from the default generator: reproducible under torch.manual_seed and advanced
@@ -369,7 +372,6 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         self, timestep: int | torch.Tensor, sample: torch.Tensor
     ) -> tuple[int, torch.Tensor | None, bool]:
         """Returns (int timestep, device timestep tensor or None, whether diffusers would promote to fp32)."""
-        num_train_timesteps = self._alphas_cumprod_cpu.shape[0]
         promote = False
         if isinstance(timestep, torch.Tensor):
             if timestep.numel() != 1:
@@ -389,10 +391,13 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
             timestep = int(timestep.reshape(()))
         if not _is_int(timestep):
             raise TypeError(f"timestep must be an int or a one-element integer tensor, got {type(timestep).__name__}")
-        timestep = int(timestep)
+        return self._check_timestep_range(int(timestep)), None, promote
+
+    def _check_timestep_range(self, timestep: int) -> int:
+        num_train_timesteps = self._alphas_cumprod_cpu.shape[0]
         if not 0 <= timestep < num_train_timesteps:
             raise ValueError(f"timestep must be in [0, {num_train_timesteps}), got {timestep}")
-        return timestep, None, promote
+        return timestep
 
     @staticmethod
     def _backend_for(sample: torch.Tensor) -> str:

@@ -248,32 +248,33 @@ def test_variance_values(timestep, prev_timestep, expected):
 
 
 def test_zero_terminal_snr_with_eta_is_finite(backend):
-    """diffusers returns NaN here: 1 - alpha_prev - sigma^2 is 0 in exact arithmetic and rounds below it."""
+    """diffusers returns NaN here: at t = T - 1 the zero terminal SNR makes sigma_t^2 = 1 - alpha_prev exactly, so the
+    radicand 1 - alpha_prev - sigma_t^2 of the direction term is 0, and rounding of sqrt(var)^2 often makes it < 0."""
     device = BACKEND_DEVICES[backend]
     config = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
     reference, scheduler = make_pair(**config)
-    nan_steps = 0
-    for n in (4, 10, 25, 50):
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
+    model_output = dummy_model(sample, 999)
+    nan_cases = 0
+    for n in range(2, 120):
         reference.set_timesteps(n)
         scheduler.set_timesteps(n)
-        sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(n)).to(device)
-        noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(n + 1)).to(device)
-        for t in scheduler.timesteps:
-            model_output = dummy_model(sample, t)
-            ours = scheduler.step(model_output, t, sample, eta=1.0, variance_noise=noise).prev_sample
-            theirs = reference.step(model_output, t, sample, eta=1.0, variance_noise=noise).prev_sample
-            assert torch.isfinite(ours).all()
-            if torch.isnan(theirs).any():
-                nan_steps += 1
-                # The mathematically right answer: the same update with the direction coefficient at its limit 0.
-                row = scheduler.coefficient_table("cpu", 1.0)[int(t)].double()
-                x0 = row[0] * sample.double() - row[1] * model_output.double()
-                expected = row[2] * x0 + row[3] * noise.double()
-                torch.testing.assert_close(ours.double(), expected, rtol=1e-6, atol=1e-6)
-            else:
-                assert torch.equal(ours, theirs)
-            sample = ours
-    assert nan_steps > 0, "the configuration no longer makes diffusers return NaN; pick another"
+        theirs = reference.step(model_output, 999, sample, eta=1.0, variance_noise=noise).prev_sample
+        ours = scheduler.step(model_output, 999, sample, eta=1.0, variance_noise=noise).prev_sample
+        assert torch.isfinite(ours).all()
+        if torch.isnan(theirs).any():
+            nan_cases += 1
+            # The mathematically right answer: the direction coefficient at its limit 0 (alpha_999 = 0 here, so
+            # x_0 = -model_output and x_{t-1} = sqrt(alpha_prev) x_0 + sigma_t z).
+            row = scheduler.coefficient_table("cpu", 1.0)[999].double()
+            assert row[4] == 0
+            expected = row[2] * (-model_output.double().cpu()) + row[3] * noise.double().cpu()
+            torch.testing.assert_close(ours.double().cpu(), expected, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(ours, theirs)
+    # About half of all N round below zero; requiring a few keeps the test meaningful on any torch version.
+    assert nan_cases >= 5
 
 
 def test_thresholding_2d_samples(backend):
@@ -381,9 +382,11 @@ def test_timestep_types(backend, timestep):
     scheduler.set_timesteps(50)
     sample = torch.randn(2, 3, 4, 4).to(device, torch.float16)
     ours = scheduler.step(sample * 0.1, timestep, sample).prev_sample
-    theirs = reference.step(sample * 0.1, timestep, sample).prev_sample
     # A 1-D timestep makes diffusers' coefficients 1-D, which promotes fp16 outputs to fp32; fastddim follows.
-    assert ours.dtype == theirs.dtype
+    one_dim = isinstance(timestep, torch.Tensor) and timestep.dim() == 1
+    assert ours.dtype == (torch.float32 if one_dim else torch.float16)
+    if device == "cpu":  # diffusers cannot mix a 1-D CPU timestep with CUDA samples
+        assert ours.dtype == reference.step(sample * 0.1, timestep, sample).prev_sample.dtype
 
 
 def test_inputs_are_never_modified(backend):

@@ -16,9 +16,10 @@ Notation (code name -> paper symbol; alpha_prod is diffusers' ``alphas_cumprod``
 
 The per-timestep scalars come from a small fp32 table (``fastddim.ops.build_coefficient_table``) computed by the
 same torch operations diffusers uses, so they are bit-identical to diffusers' 0-dim coefficients. Every elementwise
-operation is then a separate IEEE-rounded fp32 op in diffusers' order, so fp32 results match diffusers bit for bit:
-divisions use ``div_rn`` (plain ``/`` lowers to an approximate division on NVIDIA GPUs) and the launcher disables
-mul+add -> FMA contraction.
+operation is then a separate IEEE-rounded fp32 op in diffusers' order, so fp32 results match diffusers bit for bit,
+and the launcher disables mul+add -> FMA contraction. Division by a coefficient follows what PyTorch does for a
+tensor divided by a CPU scalar on the same device: a correctly rounded division on the CPU (``div_rn``; plain ``/``
+would lower to an approximate division on NVIDIA GPUs), a multiplication by the fp32 reciprocal on CUDA.
 """
 
 import triton
@@ -30,6 +31,8 @@ COEF_SQRT_BETA_PROD_T = tl.constexpr(1)
 COEF_SQRT_ALPHA_PROD_PREV = tl.constexpr(2)
 COEF_STD_DEV_T = tl.constexpr(3)
 COEF_DIRECTION = tl.constexpr(4)
+COEF_INV_SQRT_ALPHA_PROD_T = tl.constexpr(5)
+COEF_INV_SQRT_BETA_PROD_T = tl.constexpr(6)
 NUM_COEFS = tl.constexpr(8)
 
 # PREDICTION_TYPE values (the order of ``fastddim.ops.PREDICTION_TYPES``).
@@ -65,14 +68,46 @@ def _coefficient_row(
 
 
 @triton.jit
-def _pred_original_sample(model_output, sample, sqrt_alpha_prod_t, sqrt_beta_prod_t, PREDICTION_TYPE: tl.constexpr):
+def _divide_by_coefficient(numerator, coefficient, reciprocal, DIVIDE_BY_RECIPROCAL: tl.constexpr):
+    """numerator / coefficient, rounded as PyTorch rounds ``tensor / cpu_scalar`` on the tensors' device."""
+    if DIVIDE_BY_RECIPROCAL:
+        return numerator * reciprocal
+    else:
+        return tl.math.div_rn(numerator, coefficient)
+
+
+@triton.jit
+def _pred_original_sample(
+    model_output,
+    sample,
+    coef_row_ptr,
+    row_valid,
+    PREDICTION_TYPE: tl.constexpr,
+    DIVIDE_BY_RECIPROCAL: tl.constexpr,
+):
     """Predicted x_0 from the model output, eq. (12) "predicted x_0" (fp32 in, fp32 out)."""
+    sqrt_alpha_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_T, row_valid)
+    sqrt_beta_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_BETA_PROD_T, row_valid)
     if PREDICTION_TYPE == EPSILON:
-        return tl.math.div_rn(sample - sqrt_beta_prod_t * model_output, sqrt_alpha_prod_t)
+        inv_sqrt_alpha_prod_t = _load_coefficient(coef_row_ptr, COEF_INV_SQRT_ALPHA_PROD_T, row_valid)
+        return _divide_by_coefficient(
+            sample - sqrt_beta_prod_t * model_output, sqrt_alpha_prod_t, inv_sqrt_alpha_prod_t, DIVIDE_BY_RECIPROCAL
+        )
     elif PREDICTION_TYPE == SAMPLE:
         return model_output
     else:
         return sqrt_alpha_prod_t * sample - sqrt_beta_prod_t * model_output
+
+
+@triton.jit
+def _epsilon_from_pred_original(sample, pred_original, coef_row_ptr, row_valid, DIVIDE_BY_RECIPROCAL: tl.constexpr):
+    """epsilon = (x_t - sqrt(alpha_t) x_0) / sqrt(1 - alpha_t), eq. (12) solved for epsilon."""
+    sqrt_alpha_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_T, row_valid)
+    sqrt_beta_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_BETA_PROD_T, row_valid)
+    inv_sqrt_beta_prod_t = _load_coefficient(coef_row_ptr, COEF_INV_SQRT_BETA_PROD_T, row_valid)
+    return _divide_by_coefficient(
+        sample - sqrt_alpha_prod_t * pred_original, sqrt_beta_prod_t, inv_sqrt_beta_prod_t, DIVIDE_BY_RECIPROCAL
+    )
 
 
 @triton.jit
@@ -143,6 +178,7 @@ def _ddim_step_kernel(
     # All tensors share one dense layout: index memory directly and skip the div/mod address arithmetic.
     FLAT: tl.constexpr,
     TIMESTEP_FROM_PTR: tl.constexpr,
+    DIVIDE_BY_RECIPROCAL: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     # int64 so tensors past 2^31 elements index correctly.
@@ -174,11 +210,15 @@ def _ddim_step_kernel(
     sample = tl.load(sample_ptr + off_s, mask=mask).to(tl.float32)
 
     # 1. predicted x_0 and epsilon, eq. (12)
-    pred_original = _pred_original_sample(model_output, sample, sqrt_alpha_prod_t, sqrt_beta_prod_t, PREDICTION_TYPE)
+    pred_original = _pred_original_sample(
+        model_output, sample, coef_row_ptr, row_valid, PREDICTION_TYPE, DIVIDE_BY_RECIPROCAL
+    )
     if PREDICTION_TYPE == EPSILON:
         pred_epsilon = model_output
     elif PREDICTION_TYPE == SAMPLE:
-        pred_epsilon = tl.math.div_rn(sample - sqrt_alpha_prod_t * pred_original, sqrt_beta_prod_t)
+        pred_epsilon = _epsilon_from_pred_original(
+            sample, pred_original, coef_row_ptr, row_valid, DIVIDE_BY_RECIPROCAL
+        )
     else:
         pred_epsilon = sqrt_alpha_prod_t * model_output + sqrt_beta_prod_t * sample
 
@@ -194,7 +234,9 @@ def _ddim_step_kernel(
 
     # 3. epsilon re-derived from the clipped x_0
     if USE_CLIPPED_MODEL_OUTPUT:
-        pred_epsilon = tl.math.div_rn(sample - sqrt_alpha_prod_t * pred_original, sqrt_beta_prod_t)
+        pred_epsilon = _epsilon_from_pred_original(
+            sample, pred_original, coef_row_ptr, row_valid, DIVIDE_BY_RECIPROCAL
+        )
 
     # 4. x_{t-1} without noise, eq. (12): sqrt(alpha_{t-1}) x_0 + sqrt(1 - alpha_{t-1} - sigma_t^2) epsilon
     direction_coef = _load_coefficient(coef_row_ptr, COEF_DIRECTION, row_valid)

@@ -26,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from fastddim import ops
 from fastddim.reference import ddim_step_ref, pred_original_sample_ref
+from fastddim.threshold import dynamic_threshold_scale, dynamic_threshold_scale_ref
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -301,8 +302,6 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
             row = self.coefficient_table("cpu", eta)[timestep_int]
             threshold_scale = None
             if thresholding:
-                from fastddim.threshold import dynamic_threshold_scale_ref
-
                 compute_dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
                 unclipped, _ = pred_original_sample_ref(
                     model_output.to(compute_dtype), sample.to(compute_dtype), row.to(compute_dtype), prediction_type
@@ -333,8 +332,6 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
             prediction_index = ops.PREDICTION_TYPES.index(prediction_type)
             threshold_scale = None
             if thresholding:
-                from fastddim.threshold import dynamic_threshold_scale
-
                 threshold_scale = dynamic_threshold_scale(
                     model_output,
                     sample,

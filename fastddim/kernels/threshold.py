@@ -1,0 +1,227 @@
+"""Triton kernel for dynamic thresholding's per-sample scale s (Imagen, arXiv 2205.11487).
+
+Only ``@triton.jit`` code lives here; the launcher, the exact ``torch.quantile`` semantics it reproduces and the
+radix-select algorithm are documented in ``fastddim/threshold.py``, next to the PyTorch reference twin.
+"""
+
+import triton
+import triton.language as tl
+
+from fastddim.kernels.ddim_step import (
+    SAMPLE,
+    _coefficient_row,
+    _element_offsets,
+    _pred_original_sample,
+)
+
+_KEY_INF = tl.constexpr(0x7F800000)  # bits of +inf; keys above it are NaN
+_KEY_MAX = tl.constexpr(0x7FFFFFFF)  # "no key" sentinel of the min-reductions
+_NUM_BINS = tl.constexpr(256)
+
+
+@triton.jit
+def _row_keys(
+    model_output_row_ptr,
+    sample_row_ptr,
+    idx,  # [BLOCK_SIZE] int64 element index within the row
+    valid,  # [BLOCK_SIZE] idx < row_numel
+    coef_row_ptr,  # this step's row of the coefficient table
+    row_valid,  # whether the timestep is in range
+    size1,
+    size2,
+    size3,
+    stride_mo1,
+    stride_mo2,
+    stride_mo3,
+    stride_s1,
+    stride_s2,
+    stride_s3,
+    PREDICTION_TYPE: tl.constexpr,
+    DENSE_ROW: tl.constexpr,
+    DIVIDE_BY_RECIPROCAL: tl.constexpr,
+):
+    """int32 keys of |x_0| for one block of a row: the fp32 bit pattern with the sign bit cleared."""
+    if DENSE_ROW:
+        # Both rows are the same permutation of one dense block: element order is irrelevant to a quantile.
+        off_mo = idx
+        off_s = idx
+    else:
+        off_mo = _element_offsets(idx, size1, size2, size3, 0, stride_mo1, stride_mo2, stride_mo3)
+        off_s = _element_offsets(idx, size1, size2, size3, 0, stride_s1, stride_s2, stride_s3)
+    model_output = tl.load(model_output_row_ptr + off_mo, mask=valid, other=0.0).to(tl.float32)
+    if PREDICTION_TYPE == SAMPLE:
+        sample = model_output
+    else:
+        sample = tl.load(sample_row_ptr + off_s, mask=valid, other=0.0).to(tl.float32)
+    pred_original = _pred_original_sample(
+        model_output, sample, coef_row_ptr, row_valid, PREDICTION_TYPE, DIVIDE_BY_RECIPROCAL
+    )
+    return pred_original.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _radix_pass_block(
+    keys,  # [BLOCK_SIZE] int32
+    valid,  # [BLOCK_SIZE]
+    prefix,  # int32: the digits above SHIFT + 8 found so far, in place
+    histogram,  # [256] int32 running histogram of this pass
+    nan_count,  # int32 running count of NaN keys (pass 0 only)
+    above_min,  # int32 running min of keys above prefix | 0xFF (last pass only)
+    SHIFT: tl.constexpr,
+):
+    """Adds one block of keys to a radix pass: histogram of digit (keys >> SHIFT) & 0xFF among prefix matches."""
+    if SHIFT == 24:
+        # Top digit: every key matches the empty prefix (and a shift by 32 would be undefined).
+        match = valid
+        nan_count += tl.sum((valid & (keys > _KEY_INF)).to(tl.int32), axis=0)
+    else:
+        match = valid & ((keys >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
+    if SHIFT == 0:
+        above = valid & (keys > (prefix | 0xFF))
+        above_min = tl.minimum(above_min, tl.min(tl.where(above, keys, _KEY_MAX), axis=0))
+    digit = (keys >> SHIFT) & 0xFF
+    histogram += tl.histogram(digit, _NUM_BINS, mask=match)
+    return histogram, nan_count, above_min
+
+
+@triton.jit(do_not_specialize=["rank_lo"])
+def _dynamic_threshold_scale_kernel(
+    # Pointers to tensors
+    model_output_ptr,  # [B, D1, D2, D3] any float dtype
+    sample_ptr,  # [B, D1, D2, D3] same dtype as model_output; not read for PREDICTION_TYPE == SAMPLE
+    coef_table_ptr,  # [num_train_timesteps, NUM_COEFS] fp32
+    timestep_ptr,  # int64 scalar when TIMESTEP_FROM_PTR
+    scale_ptr,  # fp32 [B] output s
+    # Scalars
+    timestep,
+    num_train_timesteps,
+    row_numel,  # n = D1 * D2 * D3
+    rank_lo,  # floor(r), r = fp32(ratio) * fp32(n - 1), computed on the host
+    rank_weight,  # r - floor(r), an fp32 value
+    sample_max_value,
+    # Logical row shape (ignored when DENSE_ROW)
+    size1,
+    size2,
+    size3,
+    # Strides, in elements
+    stride_mo0,
+    stride_mo1,
+    stride_mo2,
+    stride_mo3,
+    stride_s0,
+    stride_s1,
+    stride_s2,
+    stride_s3,
+    # Meta-parameters
+    PREDICTION_TYPE: tl.constexpr,
+    DENSE_ROW: tl.constexpr,
+    TIMESTEP_FROM_PTR: tl.constexpr,
+    # Divide by a coefficient as PyTorch divides a tensor by a CPU scalar on this device (see ddim_step.py).
+    DIVIDE_BY_RECIPROCAL: tl.constexpr,
+    # The whole row fits in one block: load it once and run every pass on registers.
+    SINGLE_BLOCK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    # int64 so batches past 2^31 elements index correctly.
+    row = tl.program_id(0).to(tl.int64)
+    model_output_row_ptr = model_output_ptr + row * stride_mo0
+    sample_row_ptr = sample_ptr + row * stride_s0
+
+    # For SAMPLE, x_0 = model_output ignores the coefficients (and an out-of-range timestep), as in the step kernel.
+    coef_row_ptr, row_valid = _coefficient_row(
+        coef_table_ptr, timestep_ptr, timestep, num_train_timesteps, TIMESTEP_FROM_PTR
+    )
+
+    offsets = tl.arange(0, BLOCK_SIZE).to(tl.int64)  # [BLOCK_SIZE]
+    if SINGLE_BLOCK:
+        in_row = offsets < row_numel
+        row_keys = _row_keys(
+            model_output_row_ptr,
+            sample_row_ptr,
+            offsets,
+            in_row,
+            coef_row_ptr,
+            row_valid,
+            size1,
+            size2,
+            size3,
+            stride_mo1,
+            stride_mo2,
+            stride_mo3,
+            stride_s1,
+            stride_s2,
+            stride_s3,
+            PREDICTION_TYPE,
+            DENSE_ROW,
+            DIVIDE_BY_RECIPROCAL,
+        )
+
+    bins = tl.arange(0, _NUM_BINS)  # [256]
+    prefix = tl.full((), 0, tl.int32)
+    # Rank of the wanted key among the keys that share `prefix`.
+    rank = tl.full((), 0, tl.int32) + rank_lo
+    nan_count = tl.full((), 0, tl.int32)
+    above_min = tl.full((), _KEY_MAX, tl.int32)
+    for radix_pass in tl.static_range(4):
+        shift = 24 - 8 * radix_pass
+        histogram = tl.zeros([_NUM_BINS], tl.int32)
+        if SINGLE_BLOCK:
+            histogram, nan_count, above_min = _radix_pass_block(
+                row_keys, in_row, prefix, histogram, nan_count, above_min, shift
+            )
+        else:
+            for start in range(0, row_numel, BLOCK_SIZE):
+                idx = start + offsets
+                valid = idx < row_numel
+                keys = _row_keys(
+                    model_output_row_ptr,
+                    sample_row_ptr,
+                    idx,
+                    valid,
+                    coef_row_ptr,
+                    row_valid,
+                    size1,
+                    size2,
+                    size3,
+                    stride_mo1,
+                    stride_mo2,
+                    stride_mo3,
+                    stride_s1,
+                    stride_s2,
+                    stride_s3,
+                    PREDICTION_TYPE,
+                    DENSE_ROW,
+                    DIVIDE_BY_RECIPROCAL,
+                )
+                histogram, nan_count, above_min = _radix_pass_block(
+                    keys, valid, prefix, histogram, nan_count, above_min, shift
+                )
+        # The wanted digit is the first bin whose inclusive cumulative count exceeds the rank.
+        cumulative = tl.cumsum(histogram, axis=0)
+        digit = tl.sum((cumulative <= rank).to(tl.int32), axis=0)
+        rank -= tl.sum(tl.where(bins < digit, histogram, 0), axis=0)
+        prefix = prefix | (digit << shift)
+
+    key_lo = prefix
+    # The hi-th key equals key_lo while copies of it remain, else it is the smallest key above key_lo.
+    copies = tl.sum(tl.where(bins == digit, histogram, 0), axis=0)
+    next_digit = tl.min(tl.where((bins > digit) & (histogram > 0), bins, _NUM_BINS), axis=0)
+    next_in_bin = tl.where(next_digit < _NUM_BINS, (key_lo & ~0xFF) | next_digit, _KEY_MAX)
+    key_hi = tl.where(rank + 1 < copies, key_lo, tl.minimum(next_in_bin, above_min))
+    # hi = lo when w = 0, which also covers lo = n - 1 (nothing above; see quantile_rank): weight 0 must not meet
+    # an inf above, as 0 * inf would be NaN.
+    key_hi = tl.where(rank_weight == 0.0, key_lo, key_hi)
+
+    value_lo = key_lo.to(tl.float32, bitcast=True)
+    value_hi = key_hi.to(tl.float32, bitcast=True)
+    difference = value_hi - value_lo
+    quantile = tl.where(
+        rank_weight < 0.5,
+        tl.fma(rank_weight, difference, value_lo),
+        tl.fma(rank_weight - 1.0, difference, value_hi),
+    )
+    quantile = tl.where(nan_count > 0, float("nan"), quantile)
+    # torch.clamp(s, min=1, max=sample_max_value): max wins when min > max; NaN propagates.
+    scale = tl.maximum(quantile, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    scale = tl.minimum(scale, sample_max_value, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(scale_ptr + row, scale)

@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from fastddim import ops
 from fastddim.reference import ddim_step_ref, pred_original_sample_ref
-from fastddim.threshold import dynamic_threshold_scale, dynamic_threshold_scale_ref
+from fastddim.threshold import dynamic_threshold_scale, dynamic_threshold_scale_ref, launch_dynamic_threshold_scale
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -330,9 +330,14 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                 # on every CUDA-graph replay, so replays get fresh noise.
                 seed = torch.randint(0, 2**62, (1,), device=sample.device, dtype=torch.int64)
             prediction_index = ops.PREDICTION_TYPES.index(prediction_type)
+            # Under torch.compile the registered ops keep the graph whole; eagerly the plain launchers skip the
+            # custom-op dispatcher.
+            compiling = torch.compiler.is_compiling()
+            threshold_op = dynamic_threshold_scale if compiling else launch_dynamic_threshold_scale
+            step_op = ops.ddim_step if compiling else ops.launch_ddim_step
             threshold_scale = None
             if thresholding:
-                threshold_scale = dynamic_threshold_scale(
+                threshold_scale = threshold_op(
                     model_output,
                     sample,
                     table,
@@ -342,7 +347,7 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                     float(config.dynamic_thresholding_ratio),
                     float(config.sample_max_value),
                 )
-            prev_sample, pred_original = ops.ddim_step(
+            prev_sample, pred_original = step_op(
                 model_output,
                 sample,
                 table,

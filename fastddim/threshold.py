@@ -104,8 +104,7 @@ def _row_layout(
     return False, sizes, stride_mo, stride_s
 
 
-@torch.library.triton_op("fastddim::dynamic_threshold_scale", mutates_args={})
-def dynamic_threshold_scale(
+def launch_dynamic_threshold_scale(
     model_output: torch.Tensor,
     sample: torch.Tensor,
     coef_table: torch.Tensor,
@@ -182,6 +181,12 @@ def dynamic_threshold_scale(
             enable_fp_fusion=False,
         )
     return scale
+
+
+# Registered for torch.compile; eager callers use the plain launcher, as for ``fastddim.ops.ddim_step``.
+dynamic_threshold_scale = torch.library.triton_op("fastddim::dynamic_threshold_scale", mutates_args={})(
+    launch_dynamic_threshold_scale
+)
 
 
 def dynamic_threshold_scale_ref(

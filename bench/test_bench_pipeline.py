@@ -1,0 +1,81 @@
+"""Regression benchmarks of whole sampling loops (pytest-benchmark); workflow in ``bench/conftest.py``.
+
+Each round is one synchronized pipeline call. The first call (CUDA-graph capture) is timed separately and kept in
+``extra_info`` with images/s, ms/step and peak memory. Cases with ``fastddim.DDIMPipeline`` skip while it is not
+importable.
+"""
+
+import copy
+import time
+import warnings
+
+import pytest
+import torch
+
+from fastddim import benchmark as fb
+
+F16, F32 = torch.float16, torch.float32
+
+GPU_LOOPS = [
+    ("digits", 1, F16, "fastddim-graph"),
+    ("digits", 1, F16, "fastddim-eager"),
+    ("digits", 1, F16, "diffusers"),
+    ("digits", 16, F16, "fastddim-graph"),
+    ("cifar10-32", 1, F16, "fastddim-graph"),
+    ("cifar10-32", 1, F16, "diffusers"),
+    ("cifar10-32", 16, F16, "fastddim-graph"),
+]
+CPU_LOOPS = [("digits", 1, F32, "fastddim-eager"), ("digits", 1, F32, "diffusers")]
+GPU_STEPS, CPU_STEPS = 50, 10
+
+
+def _params(loops: list[tuple]) -> list:
+    return [pytest.param(*loop, id=f"{loop[0]}-b{loop[1]}-{fb.DTYPE_NAMES[loop[2]]}-{loop[3]}") for loop in loops]
+
+
+def _run_loop(
+    benchmark: object, model: str, batch: int, dtype: torch.dtype, impl: str, device: torch.device, steps: int
+) -> None:
+    base_unet, scheduler_config, weights = fb.load_unet(model)
+    unet = torch.nn.Module.to(copy.deepcopy(base_unet), device=device, dtype=dtype)
+    try:
+        pipe = fb.build_loop(impl, unet, scheduler_config)
+    except fb.SkipCase as skip:
+        pytest.skip(str(skip))
+
+    def target() -> None:
+        pipe(batch, steps)
+        fb.sync(device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        start = time.perf_counter()
+        target()
+        first_s = time.perf_counter() - start
+        benchmark.group = f"loop {model} batch={batch} {fb.DTYPE_NAMES[dtype]} steps={steps}"
+        benchmark.pedantic(target, rounds=3, warmup_rounds=1, iterations=1)
+    fallbacks = [str(w.message) for w in caught if "eager" in str(w.message)]
+    assert not (impl == "fastddim-graph" and fallbacks), f"CUDA-graph capture fell back to eager: {fallbacks[0]}"
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    median_s = getattr(stats, "median", None)
+    benchmark.extra_info.update(
+        weights=weights,
+        num_inference_steps=steps,
+        first_call_s=first_s,
+        images_per_s=None if not median_s else batch / median_s,
+        ms_per_step=None if not median_s else median_s * 1e3 / steps,
+        peak_mem_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("model", "batch", "dtype", "impl"), _params(GPU_LOOPS))
+def test_loop_gpu(benchmark: object, model: str, batch: int, dtype: torch.dtype, impl: str) -> None:
+    _run_loop(benchmark, model, batch, dtype, impl, torch.device("cuda", torch.cuda.current_device()), GPU_STEPS)
+
+
+@pytest.mark.parametrize(("model", "batch", "dtype", "impl"), _params(CPU_LOOPS))
+def test_loop_cpu(benchmark: object, model: str, batch: int, dtype: torch.dtype, impl: str) -> None:
+    _run_loop(benchmark, model, batch, dtype, impl, torch.device("cpu"), CPU_STEPS)

@@ -71,7 +71,7 @@ import torch
 SCHEMA_VERSION = 1
 NUM_INFERENCE_STEPS = 50
 DEFAULT_OUT = "bench-out"
-DEFAULT_BUDGET_S = 300.0
+DEFAULT_BUDGET_S = 240.0
 FLUSH_BYTES = 256 * 1024 * 1024
 GPU_MESSAGE = (
     "GPU figures (Triton kernel, CUDA-graph replay, GB/s against the copy ceiling, whole-loop graphs) need a CUDA GPU: "
@@ -114,6 +114,7 @@ STEP_KEYS = (
     "latency_us",
     "latency_speedup_vs_diffusers",
     "compile_s",
+    "capture_s",
 )
 LOOP_KEYS = (
     "model",
@@ -607,6 +608,7 @@ class Prepared:
     reads_noise: bool = False
     unroll: int = 1
     compile_s: float | None = None
+    capture_s: float | None = None
     in_kernel_noise: bool = False
 
 
@@ -829,8 +831,11 @@ def graph_unroll(numel: int) -> int:
 def _prepare_fastddim_graph(inputs: StepInputs) -> Prepared:
     step, in_kernel = fastddim_step_fn(inputs)
     unroll = graph_unroll(inputs.case.numel)
+    start = time.perf_counter()
     graph, out = capture_graph(step, inputs.device, unroll=unroll)
+    capture_s = time.perf_counter() - start
     return Prepared(
+        capture_s=capture_s,
         fn=graph.replay,
         outputs=lambda: out,
         noise_source=_fastddim_noise_source(inputs, in_kernel),
@@ -889,6 +894,7 @@ def run_step_impl(
     try:
         prepared = builder(inputs)
         record["compile_s"] = prepared.compile_s
+        record["capture_s"] = prepared.capture_s
         record["config"]["noise"] = prepared.noise_source
         prepared.fn()
         sync(device)
@@ -1114,8 +1120,9 @@ def run_loop_impl(case: LoopCase, impl: str, device: torch.device, plan: Plan) -
         # The 256 MB L2-flush buffer of the step benchmark would count in the peak memory.
         _flush_buffers.pop(device, None)
         _free_memory(device)
-        skips_before = _cudagraph_skips()
         pipe = build_loop(impl, unet, scheduler_config)
+        # After build_loop: torch._dynamo.reset() there may clear the counters.
+        skips_before = _cudagraph_skips()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with warnings.catch_warnings(record=True) as caught:
@@ -1198,13 +1205,23 @@ def _fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
 
 def _status(record: dict) -> str:
     if record["skipped"]:
-        return f"skipped: {record['skipped'][:80]}"
-    if record["error"]:
-        return f"error: {record['error'][:80]}"
-    check = record["check"]
-    if check is None:
-        return "ok"
-    return "pass" if check.get("passed") else f"FAIL ({check.get('detail', '')})"
+        text = f"skipped: {record['skipped'][:80]}"
+    elif record["error"]:
+        text = f"error: {record['error'][:80]}"
+    elif record["check"] is None:
+        text = "ok"
+    else:
+        text = "pass" if record["check"].get("passed") else f"FAIL ({record['check'].get('detail', '')})"
+    # Error texts may hold pipes or newlines, which would break the markdown table.
+    return text.replace("|", "/").replace("\n", " ")
+
+
+def _with_range(record: dict, spec: str, scale: float = 1.0) -> str:
+    """``median (p20–p80)`` scaled, or a dash when nothing was measured."""
+    if record["median_us"] is None:
+        return "–"
+    median, p20, p80 = (record[k] * scale for k in ("median_us", "p20_us", "p80_us"))
+    return f"{median:{spec}} ({p20:{spec}}–{p80:{spec}})"
 
 
 def _sort_key(record: dict, order: tuple[str, ...]) -> int:
@@ -1242,7 +1259,7 @@ def markdown_tables(results: dict) -> str:
             lines.append(
                 f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['config']['eta']:g} | "
                 f"{'on' if r['config']['thresholding'] else 'off'} | {r['impl']} | {_status(r)} | "
-                f"{_fmt(r['median_us'], '.2f')} ({_fmt(r['p20_us'], '.2f')}–{_fmt(r['p80_us'], '.2f')}) | "
+                f"{_with_range(r, '.2f')} | "
                 f"{_fmt(r['latency_us'], '.2f')} | {_fmt(r['gb_per_s'], '.1f')} | {_fmt(r['pct_of_copy_bw'], '.0f', '%')} | "
                 f"{_fmt(r['speedup_vs_diffusers'], '.2f', '×')} | {_fmt(r['latency_speedup_vs_diffusers'], '.2f', '×')} |"
             )
@@ -1265,11 +1282,10 @@ def markdown_tables(results: dict) -> str:
         for r in sorted(
             loops, key=lambda r: (order[(r["model"], r["dtype"], r["batch_size"])], _sort_key(r, LOOP_IMPLS))
         ):
-            ms = [None if r[k] is None else r[k] / 1e3 for k in ("median_us", "p20_us", "p80_us")]
             lines.append(
                 f"| {r['model']} | {r['batch_size']} | {r['dtype']} | {r['impl']} | {_status(r)} | "
                 f"{_fmt(r['images_per_s'], '.1f')} | {_fmt(r['ms_per_step'], '.3f')} | "
-                f"{_fmt(ms[0], '.1f')} ({_fmt(ms[1], '.1f')}–{_fmt(ms[2], '.1f')}) | {_fmt(r['capture_s'], '.2f')} | "
+                f"{_with_range(r, '.1f', 1e-3)} | {_fmt(r['capture_s'], '.2f')} | "
                 f"{_fmt(r['peak_mem_mib'], '.0f')} | {_fmt(None if r['scheduler_share'] is None else 100 * r['scheduler_share'], '.1f', '%')} | "
                 f"{_fmt(r['speedup_vs_diffusers'], '.2f', '×')} |"
             )
@@ -1463,15 +1479,23 @@ def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bo
                 records.append(record)
                 _progress(f"{label}: skipped (time budget)")
                 continue
-            if benchmark == "step":
-                if case not in inputs_cache:
+            try:
+                if benchmark == "step":
+                    if case not in inputs_cache:
+                        inputs_cache.clear()
+                        _free_memory(device)
+                        inputs_cache[case] = make_step_inputs(case, device, plan.num_inference_steps)
+                    record = run_step_impl(inputs_cache[case], impl, plan)
+                else:
                     inputs_cache.clear()
-                    _free_memory(device)
-                    inputs_cache[case] = make_step_inputs(case, device, plan.num_inference_steps)
-                record = run_step_impl(inputs_cache[case], impl, plan)
-            else:
-                inputs_cache.clear()
-                record = run_loop_impl(case, impl, device, plan)
+                    record = run_loop_impl(case, impl, device, plan)
+            except Exception as exc:  # (e.g. out of memory building a case's inputs: record it, go on)
+                record = new_record(
+                    benchmark, name=f"{benchmark}/{case.label}/{impl}", impl=impl, dtype=DTYPE_NAMES[case.dtype]
+                )
+                _fill_case_fields(record, case, plan)
+                record["error"] = _error_text(exc)
+                _free_memory(device)
             records.append(record)
             _progress(f"{label}: {_progress_figures(record)}")
             write_json(results, out_dir)

@@ -293,18 +293,24 @@ class DDIMPipeline(DiffusionPipeline):
             noise_mode = _NOISE_PHILOX
 
         key = self._graph_key(image, num_steps, eta, use_clipped_model_output, noise_mode, device)
-        eager_args = (image, list(timesteps.to(device)), eta, use_clipped_model_output)
+
+        def run_eagerly() -> torch.Tensor:
+            # Built only when needed: the timestep upload would cost every replay a host sync.
+            step_timesteps = list(timesteps.to(device))
+            return self._denoise(
+                image, step_timesteps, eta, use_clipped_model_output, generator=generator, noises=None, progress=True
+            )
+
         if key in self._failed_graph_keys:
             self._failed_graph_keys.move_to_end(key)
             self._graph_fallbacks += 1
-            return self._denoise(*eager_args, generator=generator, noises=None, progress=True)
+            return run_eagerly()
         if not isinstance(self.scheduler, DDIMScheduler):
             scheduler_name = f"{type(self.scheduler).__module__}.{type(self.scheduler).__name__}"
             return self._fall_back(
                 key,
                 f"CUDA graphs need a fastddim.DDIMScheduler (its step never syncs with the host), got {scheduler_name}",
-                eager_args,
-                generator,
+                run_eagerly,
             )
 
         fingerprint = _weights_fingerprint(self.unet)
@@ -317,8 +323,9 @@ class DDIMPipeline(DiffusionPipeline):
             try:
                 entry = self._capture(image, timesteps, eta, use_clipped_model_output, noise_mode, device, fingerprint)
             except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager loop
+                _repair_default_generator(device)
                 reason = f"CUDA graph capture of the sampling loop failed ({type(exc).__name__}: {_first_line(exc)})"
-                return self._fall_back(key, reason, eager_args, generator)
+                return self._fall_back(key, reason, run_eagerly)
             self._cuda_graphs[key] = entry
             while len(self._cuda_graphs) > self._cuda_graph_cache_size:
                 self._cuda_graphs.popitem(last=False)
@@ -362,13 +369,7 @@ class DDIMPipeline(DiffusionPipeline):
             selected_backend(),
         )
 
-    def _fall_back(
-        self,
-        key: tuple,
-        reason: str,
-        eager_args: tuple,
-        generator: torch.Generator | list[torch.Generator] | None,
-    ) -> torch.Tensor:
+    def _fall_back(self, key: tuple, reason: str, run_eagerly: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Warns once for ``key``, remembers it, and runs the loop eagerly."""
         self._failed_graph_keys[key] = None
         while len(self._failed_graph_keys) > _MAX_FAILED_KEYS:
@@ -380,7 +381,7 @@ class DDIMPipeline(DiffusionPipeline):
             RuntimeWarning,
             stacklevel=5,
         )
-        return self._denoise(*eager_args, generator=generator, noises=None, progress=True)
+        return run_eagerly()
 
     def _drop_stale_graphs(self, fingerprint: tuple) -> None:
         # Graphs of this UNet captured before its weights changed read freed or outdated memory: never valid again.
@@ -496,6 +497,31 @@ def _capture_graph(
         graph.capture_end()
     torch.cuda.current_stream(device).wait_stream(side_stream)
     return graph, static_output
+
+
+def _repair_default_generator(device: torch.device) -> None:
+    """Makes the default CUDA generator usable again after a failed capture.
+
+    PyTorch versions that mark a generator as capturing in ``capture_begin`` and unmark it only at the end of a
+    successful ``capture_end`` leave it "capturing" when a capture fails, and every later random op on the device then
+    raises. A probe detects that; a fresh copy of the state (same seed and offset) replaces the stuck one. Healthy
+    generators are left as they were: the probe's draw is undone.
+    """
+    if device.type != "cuda":
+        return
+    # Best effort on a path that already failed: never let the repair itself raise.
+    try:
+        generator = torch.cuda.default_generators[device.index]
+        state = generator.get_state()
+    except Exception:  # noqa: BLE001
+        return
+    try:
+        torch.empty(1, device=device).normal_()
+    except RuntimeError:
+        with contextlib.suppress(Exception):
+            generator.graphsafe_set_state(generator.clone_state())
+    with contextlib.suppress(Exception):
+        generator.set_state(state)
 
 
 def _graphs_supported(device: torch.device) -> bool:

@@ -15,10 +15,21 @@ import fastddim
 from fastddim import cli
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_cpu_thread():
+    # The models are tiny: intra-op threads buy nothing, and on a busy shared runner OpenMP barriers make them ~30x
+    # slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     # The CLI must work without CUDA and without the test suite's interpreter setting.
     env.pop("TRITON_INTERPRET", None)
+    env["OMP_NUM_THREADS"] = "1"  # see single_cpu_thread
     return subprocess.run(
         [sys.executable, "-m", "fastddim", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
     )
@@ -150,7 +161,8 @@ def test_batch_size_does_not_change_samples(model_dirs, tmp_path, capsys):
     assert cli.main([*common, "--out", str(tmp_path / "all.npz")]) == 0
     assert cli.main([*common, "--batch-size", "2", "--out", str(tmp_path / "split.npz")]) == 0
     with np.load(tmp_path / "all.npz") as together, np.load(tmp_path / "split.npz") as split:
-        np.testing.assert_allclose(together["images"], split["images"], atol=1e-6, rtol=0)
+        # Equal up to the few ulps by which batched CPU kernels differ from smaller batches.
+        np.testing.assert_allclose(together["images"], split["images"], atol=1e-5, rtol=0)
     assert "wrote" in capsys.readouterr().out
 
 

@@ -19,6 +19,16 @@ from fastddim.pipeline import DEFAULT_CUDA_GRAPH_CACHE_SIZE, CudaGraphCacheInfo
 DIFFUSERS_FAST_SLICE = [0.0, 9.979e-01, 0.0, 9.999e-01, 9.986e-01, 9.991e-01, 7.106e-04, 0.0, 0.0]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_cpu_thread():
+    # The models are tiny: intra-op threads buy nothing, and on a busy shared runner OpenMP barriers make them ~30x
+    # slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_unet(**overrides) -> diffusers.UNet2DModel:
     """diffusers' DDIM pipeline test UNet (seeded), with config overrides."""
     config = dict(

@@ -346,6 +346,7 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                     prediction_index,
                     float(config.dynamic_thresholding_ratio),
                     float(config.sample_max_value),
+                    traceable=compiling,
                 )
             prev_sample, pred_original = step_op(
                 model_output,
@@ -362,6 +363,7 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                 float(config.clip_sample_range),
                 bool(use_clipped_model_output),
                 out_dtype,
+                traceable=compiling,
             )
 
         if not return_dict:

@@ -113,6 +113,7 @@ def launch_dynamic_threshold_scale(
     prediction_type: int,
     ratio: float,
     sample_max_value: float,
+    traceable: bool = True,
 ) -> torch.Tensor:
     """Per-sample dynamic-thresholding scale s from the step's inputs, on a CUDA (or interpreted CPU) device.
 
@@ -152,7 +153,10 @@ def launch_dynamic_threshold_scale(
     rank_lo, rank_weight = quantile_rank(row_numel, ratio)
     block_size, num_warps, single_block = _threshold_launch_config(row_numel, dense_row)
     placeholder = coef_table
-    kernel = torch.library.wrap_triton(_dynamic_threshold_scale_kernel)
+    # See fastddim.ops.launch_ddim_step: wrap_triton only where torch.compile traces the launch.
+    kernel = (
+        torch.library.wrap_triton(_dynamic_threshold_scale_kernel) if traceable else _dynamic_threshold_scale_kernel
+    )
     with torch.cuda.device(sample.device) if sample.is_cuda else _nullcontext():
         kernel[(batch,)](
             model_output,

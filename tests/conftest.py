@@ -22,6 +22,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(requires_cuda)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_cpu_thread():
+    # Test tensors and models are tiny: intra-op threads buy nothing, and with pytest-xdist workers on a busy 2-core
+    # runner OpenMP barriers made the pipeline tests ~30x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def nan_poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make ``torch.empty``/``torch.empty_like`` return NaN-filled tensors, so unwritten outputs fail comparisons."""

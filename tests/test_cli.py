@@ -5,7 +5,6 @@ import subprocess
 import sys
 import types
 
-import diffusers
 import numpy as np
 import PIL.Image
 import pytest
@@ -13,23 +12,14 @@ import torch
 
 import fastddim
 from fastddim import cli
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_cpu_thread():
-    # The models are tiny: intra-op threads buy nothing, and on a busy shared runner OpenMP barriers make them ~30x
-    # slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers import make_unet
 
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     # The CLI must work without CUDA and without the test suite's interpreter setting.
     env.pop("TRITON_INTERPRET", None)
-    env["OMP_NUM_THREADS"] = "1"  # see single_cpu_thread
+    env["OMP_NUM_THREADS"] = "1"  # see the single_cpu_thread fixture in conftest.py
     return subprocess.run(
         [sys.executable, "-m", "fastddim", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
     )
@@ -39,17 +29,7 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
 def model_dirs(tmp_path_factory) -> dict:
     """A tiny 3-channel UNet saved two ways: a plain UNet2DModel folder and a fastddim pipeline folder."""
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    )
+    unet = make_unet()
     unet.save_pretrained(root / "unet")
     scheduler = fastddim.DDIMScheduler(beta_schedule="squaredcos_cap_v2")
     fastddim.DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(root / "pipeline")

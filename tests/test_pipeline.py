@@ -14,36 +14,10 @@ import torch
 import fastddim
 import fastddim.pipeline
 from fastddim.pipeline import DEFAULT_CUDA_GRAPH_CACHE_SIZE, CudaGraphCacheInfo
+from tests.helpers import make_unet
 
 # diffusers' tests/pipelines/ddim/test_ddim.py::test_inference: 2 steps, CPU generator seed 0, image[0, -3:, -3:, -1].
 DIFFUSERS_FAST_SLICE = [0.0, 9.979e-01, 0.0, 9.999e-01, 9.986e-01, 9.991e-01, 7.106e-04, 0.0, 0.0]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_cpu_thread():
-    # The models are tiny: intra-op threads buy nothing, and on a busy shared runner OpenMP barriers make them ~30x
-    # slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_unet(**overrides) -> diffusers.UNet2DModel:
-    """diffusers' DDIM pipeline test UNet (seeded), with config overrides."""
-    config = dict(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    )
-    config.update(overrides)
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(**config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,11 @@ import pytest
 import torch
 
 import fastddim
+from tests.helpers import make_unet
 
 pytestmark = pytest.mark.gpu
 
 STEPS = 10
-UNET_CONFIG = dict(
-    block_out_channels=(4, 8),
-    layers_per_block=1,
-    norm_num_groups=4,
-    sample_size=8,
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-)
 
 
 @pytest.fixture(autouse=True)
@@ -39,14 +30,13 @@ def exact_float32_math():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def make_unet(unet_class=diffusers.UNet2DModel, dtype=torch.float32):
-    torch.manual_seed(0)
-    return unet_class(**UNET_CONFIG).to("cuda", dtype).eval()
+def make_cuda_unet(unet_class=diffusers.UNet2DModel, dtype=torch.float32):
+    return make_unet(unet_class).to("cuda", dtype)
 
 
 @pytest.fixture(scope="module")
 def unet():
-    return make_unet()
+    return make_cuda_unet()
 
 
 def make_pipe(unet, scheduler=None) -> fastddim.DDIMPipeline:
@@ -87,7 +77,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     ],
 )
 def test_graph_matches_eager(eta, generator_device, clipped, dtype, atol):
-    pipe = make_pipe(make_unet(dtype=dtype))
+    pipe = make_pipe(make_cuda_unet(dtype=dtype))
     kwargs = dict(batch_size=2, eta=eta, num_inference_steps=STEPS, use_clipped_model_output=clipped, output_type="pt")
 
     graphed = pipe(generator=generators((0, 1), generator_device), **kwargs).images
@@ -174,7 +164,7 @@ def test_graph_cache_is_a_bounded_lru(unet):
 
 
 def test_weight_config_and_dtype_changes_invalidate():
-    unet = make_unet()
+    unet = make_cuda_unet()
     pipe = make_pipe(unet)
     kwargs = dict(batch_size=2, num_inference_steps=STEPS, output_type="pt")
 
@@ -258,7 +248,7 @@ class SyncingUNet(diffusers.UNet2DModel):
 
 @pytest.mark.parametrize("mode", ["eta0", "eta1-exact", "eta1-philox"])
 def test_capture_failure_falls_back_to_eager_with_one_warning(unet, mode):
-    syncing = make_unet(SyncingUNet)
+    syncing = make_cuda_unet(SyncingUNet)
     syncing.load_state_dict(unet.state_dict())
     pipe = make_pipe(syncing)
     eta = 0.0 if mode == "eta0" else 1.0

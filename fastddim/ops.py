@@ -4,6 +4,7 @@ The scheduler (``fastddim/scheduler.py``) validates user input; the functions he
 only decide how to launch. Each op has a pure-PyTorch twin in ``fastddim/reference.py``.
 """
 
+import contextlib
 import os
 
 import torch
@@ -209,7 +210,7 @@ def launch_ddim_step(
     grid = (triton.cdiv(numel, block_size),)
     placeholder = coef_table
     kernel = torch.library.wrap_triton(_ddim_step_kernel) if traceable else _ddim_step_kernel
-    with torch.cuda.device(sample.device) if sample.is_cuda else _nullcontext():
+    with torch.cuda.device(sample.device) if sample.is_cuda else contextlib.nullcontext():
         kernel[grid](
             model_output,
             sample,
@@ -249,11 +250,3 @@ def launch_ddim_step(
 # The registered op lets torch.compile(fullgraph=True) trace through the launch; eager callers use the plain launcher
 # (same function) and skip the custom-op dispatcher, which costs tens of microseconds per call on the host.
 ddim_step = torch.library.triton_op("fastddim::ddim_step", mutates_args={})(launch_ddim_step)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

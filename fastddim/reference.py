@@ -9,6 +9,7 @@ its own temporaries in place, so it makes fewer passes and allocations than diff
 import torch
 
 from fastddim.ops import PREDICTION_TYPES
+from fastddim.threshold import dynamic_threshold_scale_ref
 
 
 def _broadcast_per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -67,6 +68,7 @@ def ddim_step_ref(
     clip_sample: bool,
     clip_sample_range: float,
     threshold_scale: torch.Tensor | None = None,
+    dynamic_thresholding: tuple[float, float] | None = None,
     use_clipped_model_output: bool = False,
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +82,8 @@ def ddim_step_ref(
         clip_sample (`bool`): clamp x_0 to +-``clip_sample_range`` (ignored when ``threshold_scale`` is given).
         clip_sample_range (`float`): the clamp bound.
         threshold_scale (`torch.Tensor`, *optional*): fp32 [B] dynamic-thresholding s per sample.
+        dynamic_thresholding (`tuple`, *optional*): (ratio, sample_max_value): compute ``threshold_scale`` from this
+            step's own unclipped x_0 (``dynamic_threshold_scale_ref``) instead of taking it as an argument.
         use_clipped_model_output (`bool`): re-derive epsilon from the clipped x_0.
         noise (`torch.Tensor`, *optional*): z of eq. (12); added as sigma_t * z when given.
 
@@ -96,6 +100,8 @@ def ddim_step_ref(
     sqrt_alpha_prod_prev, std_dev_t, direction_coef = coef_row[2], coef_row[3], coef_row[4]
 
     pred_original, pred_epsilon = pred_original_sample_ref(model_output, sample, coef_row, prediction_type)
+    if dynamic_thresholding is not None:
+        threshold_scale = dynamic_threshold_scale_ref(pred_original, *dynamic_thresholding)
     if threshold_scale is not None:
         scale = _broadcast_per_sample(threshold_scale.to(device=sample.device, dtype=compute_dtype), sample.dim())
         pred_original = torch.clamp(pred_original, -scale, scale).div_(scale)

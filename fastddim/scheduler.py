@@ -25,8 +25,8 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from fastddim import ops
-from fastddim.reference import ddim_step_ref, pred_original_sample_ref
-from fastddim.threshold import dynamic_threshold_scale, dynamic_threshold_scale_ref, launch_dynamic_threshold_scale
+from fastddim.reference import ddim_step_ref
+from fastddim.threshold import dynamic_threshold_scale, launch_dynamic_threshold_scale
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -300,15 +300,6 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                 # The PyTorch backend is not the graph-capturable path: reading a device timestep here is allowed.
                 timestep_int = self._check_timestep_range(int(timestep_tensor))
             row = self.coefficient_table("cpu", eta)[timestep_int]
-            threshold_scale = None
-            if thresholding:
-                compute_dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
-                unclipped, _ = pred_original_sample_ref(
-                    model_output.to(compute_dtype), sample.to(compute_dtype), row.to(compute_dtype), prediction_type
-                )
-                threshold_scale = dynamic_threshold_scale_ref(
-                    unclipped, config.dynamic_thresholding_ratio, config.sample_max_value
-                )
             prev_sample, pred_original = ddim_step_ref(
                 model_output,
                 sample,
@@ -316,7 +307,9 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                 prediction_type=prediction_type,
                 clip_sample=bool(config.clip_sample),
                 clip_sample_range=float(config.clip_sample_range),
-                threshold_scale=threshold_scale,
+                dynamic_thresholding=(
+                    (config.dynamic_thresholding_ratio, config.sample_max_value) if thresholding else None
+                ),
                 use_clipped_model_output=bool(use_clipped_model_output),
                 noise=noise,
             )

@@ -24,6 +24,7 @@ bits exceed the prefix (a min-reduction folded into the last pass). Rows up to `
 loaded once and kept in registers; longer rows are re-read in ``CHUNK_SIZE`` chunks in each of the four passes.
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 import triton
 
 from fastddim.kernels.threshold import _dynamic_threshold_scale_kernel
-from fastddim.ops import PREDICTION_TYPES, _coalesce_layout, _nullcontext
+from fastddim.ops import PREDICTION_TYPES, _coalesce_layout
 
 # Rows up to this many elements stay in registers (16 warps x 32 keys per thread); longer rows are streamed.
 REGISTER_ROW_LIMIT = 16384
@@ -157,7 +158,7 @@ def launch_dynamic_threshold_scale(
     kernel = (
         torch.library.wrap_triton(_dynamic_threshold_scale_kernel) if traceable else _dynamic_threshold_scale_kernel
     )
-    with torch.cuda.device(sample.device) if sample.is_cuda else _nullcontext():
+    with torch.cuda.device(sample.device) if sample.is_cuda else contextlib.nullcontext():
         kernel[(batch,)](
             model_output,
             sample,

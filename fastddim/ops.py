@@ -5,12 +5,14 @@ only decide how to launch. Each op has a pure-PyTorch twin in ``fastddim/referen
 """
 
 import contextlib
+import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 
-from fastddim.kernels.ddim_step import _ddim_step_kernel
+from fastddim.kernels.ddim_step import _ddim_step_flat_kernel, _ddim_step_kernel
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 NUM_COEFS = 8
@@ -114,24 +116,66 @@ def _launch_config(numel: int) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps): a small heuristic, no autotune (the step is cheap to rerun but capture forbids it)."""
     if interpreting():
         # The interpreter runs programs one after another at a roughly fixed cost each: use few, large programs.
-        return min(max(triton.next_power_of_2(numel), 4), 1 << 16), 4
+        return min(max(1 << (numel - 1).bit_length(), 4), 1 << 16), 4
     if numel >= 1 << 20:
         return 4096, 8
     return 1024, 4
 
 
-def _is_dense(tensor: torch.Tensor) -> bool:
-    """Whether the tensor's elements fill exactly ``numel`` consecutive storage slots (any dim order)."""
+def _is_dense(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether a tensor's elements fill exactly ``numel`` consecutive storage slots (any dim order)."""
     expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(tensor.shape, tensor.stride(), strict=True) if s != 1):
+    for stride, size in sorted((st, s) for s, st in zip(shape, strides, strict=True) if s != 1):
         if stride != expected:
             return False
         expected *= size
     return True
 
 
-def _empty_like(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty_like(tensor, dtype=dtype, memory_format=torch.preserve_format)
+class _StepPlan(NamedTuple):
+    """How to launch one step for a given signature: everything ``launch_ddim_step`` derives from shapes/strides."""
+
+    kernel: triton.JITFunction
+    grid: tuple[int]
+    layout_args: tuple[int, ...]  # the kernel's arguments after clip_sample_range
+    meta: dict  # constexpr meta-parameters and launch options
+    make_contiguous: bool  # the layout is not expressible as [B, D1, D2, D3]: copy the inputs once first
+
+
+# Launch plans by signature. An eager step's host time is what bounds a small-batch step (the GPU work is a few
+# microseconds), so the layout analysis runs once per signature instead of on every call.
+_STEP_PLANS: dict[tuple, _StepPlan] = {}
+_MAX_STEP_PLANS = 256
+
+
+def _plan_step(
+    shape: tuple[int, ...],
+    strides: list[tuple[int, ...]],
+    numel: int,
+    meta: dict,
+) -> _StepPlan:
+    """Builds the launch plan for tensors (model_output, sample, noise, prev_sample) of these strides."""
+    make_contiguous = False
+    layout = _coalesce_layout(shape, strides)
+    if layout is None:
+        # More than four non-mergeable dims: copy to the output's layout once (rare; e.g. a permuted 6-D video).
+        make_contiguous = True
+        contiguous = tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
+        layout = _coalesce_layout(shape, [contiguous] * len(strides))
+    sizes, (stride_mo, stride_s, stride_n, stride_out) = layout
+    batch = sizes[0]
+    block_size, num_warps = _launch_config(numel)
+    grid = (-(-numel // block_size),)
+    meta = dict(meta, BLOCK_SIZE=block_size, num_warps=num_warps, enable_fp_fusion=False)
+    dense_out = make_contiguous or _is_dense(shape, strides[3])
+    if (
+        stride_mo == stride_s == stride_n == stride_out
+        and dense_out
+        and (batch == 1 or stride_out[0] * batch == numel)
+    ):
+        return _StepPlan(_ddim_step_flat_kernel, grid, (numel, numel // batch), meta, make_contiguous)
+    layout_args = (numel, sizes[1], sizes[2], sizes[3], *stride_mo, *stride_s, *stride_n, *stride_out)
+    return _StepPlan(_ddim_step_kernel, grid, layout_args, meta, make_contiguous)
 
 
 def launch_ddim_step(
@@ -169,8 +213,9 @@ def launch_ddim_step(
             registered op does). ``False`` calls the kernel directly: eagerly, the wrapper's higher-order-op dispatch
             costs hundreds of microseconds of host time per call (measured on an H100 host, torch 2.11).
     """
-    prev_sample = _empty_like(sample, out_dtype)
-    pred_original = _empty_like(sample, out_dtype)
+    prev_sample = torch.empty_like(sample, dtype=out_dtype)
+    pred_original = torch.empty_like(sample, dtype=out_dtype)
+    shape = sample.shape
     numel = sample.numel()
     if numel == 0:
         return prev_sample, pred_original
@@ -179,42 +224,46 @@ def launch_ddim_step(
         noise_mode = NOISE_PHILOX
     elif add_noise and noise is not None:
         noise_mode = NOISE_TENSOR
+        noise = noise.expand_as(sample)
     else:
         noise_mode = NOISE_NONE
-    noise_view = noise.expand_as(sample) if noise_mode == NOISE_TENSOR else sample
-
-    shape = tuple(sample.shape) if sample.dim() > 0 else (1,)
-    tensors = [model_output, sample, noise_view, prev_sample]
-    strides = [tuple(t.stride()) if t.dim() > 0 else (1,) for t in tensors]
-    layout = _coalesce_layout(shape, strides)
-    if layout is None:
-        # More than four non-mergeable dims: copy to the output's layout once (rare; e.g. a permuted 6-D video).
+    strides = [
+        model_output.stride(),
+        sample.stride(),
+        noise.stride() if noise_mode == NOISE_TENSOR else (),
+        prev_sample.stride(),
+    ]
+    meta = {
+        "PREDICTION_TYPE": prediction_type,
+        "CLIP_SAMPLE": clip_sample,
+        "THRESHOLD": threshold_scale is not None,
+        "USE_CLIPPED_MODEL_OUTPUT": use_clipped_model_output,
+        "NOISE_MODE": noise_mode,
+        "TIMESTEP_FROM_PTR": timestep_tensor is not None,
+        "DIVIDE_BY_RECIPROCAL": sample.is_cuda,
+    }
+    # Whether kernels are interpreted is fixed when they are decorated (at import), so it needs no place in the key.
+    key = (shape, *strides, *meta.values())
+    plan = _STEP_PLANS.get(key)
+    if plan is None:
+        if noise_mode != NOISE_TENSOR:
+            strides[2] = strides[1]  # the noise pointer is a placeholder: let it follow the sample's layout
+        plan = _plan_step(tuple(shape) if shape else (1,), [s if s else (1,) for s in strides], numel, meta)
+        if len(_STEP_PLANS) >= _MAX_STEP_PLANS:
+            _STEP_PLANS.clear()
+        _STEP_PLANS[key] = plan
+    if plan.make_contiguous:
         model_output, sample = model_output.contiguous(), sample.contiguous()
-        noise_view = noise_view.contiguous()
+        noise = noise.contiguous() if noise_mode == NOISE_TENSOR else None
         prev_sample, pred_original = prev_sample.contiguous(), pred_original.contiguous()
-        strides = [tuple(t.stride()) for t in (model_output, sample, noise_view, prev_sample)]
-        layout = _coalesce_layout(shape, strides)
-    sizes, (stride_mo, stride_s, stride_n, stride_out) = layout
 
-    batch = sizes[0]
-    flat = (
-        stride_mo == stride_s == stride_n == stride_out
-        and _is_dense(prev_sample)
-        and (batch == 1 or stride_out[0] * batch == numel)
-    )
-    if flat:
-        # In the flat path stride_out0 only serves to find an element's batch index.
-        stride_out = [numel // batch] + stride_out[1:]
-
-    block_size, num_warps = _launch_config(numel)
-    grid = (triton.cdiv(numel, block_size),)
     placeholder = coef_table
-    kernel = torch.library.wrap_triton(_ddim_step_kernel) if traceable else _ddim_step_kernel
+    kernel = torch.library.wrap_triton(plan.kernel) if traceable else plan.kernel
     with torch.cuda.device(sample.device) if sample.is_cuda else contextlib.nullcontext():
-        kernel[grid](
+        kernel[plan.grid](
             model_output,
             sample,
-            noise_view if noise_mode == NOISE_TENSOR else placeholder,
+            noise if noise_mode == NOISE_TENSOR else placeholder,
             prev_sample,
             pred_original,
             coef_table,
@@ -224,25 +273,8 @@ def launch_ddim_step(
             timestep,
             coef_table.shape[0],
             clip_sample_range,
-            numel,
-            sizes[1],
-            sizes[2],
-            sizes[3],
-            *stride_mo,
-            *stride_s,
-            *stride_n,
-            *stride_out,
-            PREDICTION_TYPE=prediction_type,
-            CLIP_SAMPLE=clip_sample,
-            THRESHOLD=threshold_scale is not None,
-            USE_CLIPPED_MODEL_OUTPUT=use_clipped_model_output,
-            NOISE_MODE=noise_mode,
-            FLAT=flat,
-            TIMESTEP_FROM_PTR=timestep_tensor is not None,
-            DIVIDE_BY_RECIPROCAL=sample.is_cuda,
-            BLOCK_SIZE=block_size,
-            num_warps=num_warps,
-            enable_fp_fusion=False,
+            *plan.layout_args,
+            **plan.meta,
         )
     return prev_sample, pred_original
 

@@ -42,12 +42,18 @@ class UnsupportedConfigError(ValueError, NotImplementedError):
     """
 
 
+_INTEGER_DTYPES = frozenset(
+    (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64)
+)
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    # float/int first: the numbers.Real ABC check costs about a microsecond, and step() checks several values.
+    return type(value) in (float, int) or (isinstance(value, numbers.Real) and not isinstance(value, bool))
 
 
 def selected_backend() -> str:
@@ -154,6 +160,8 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         self._alphas_cumprod_cpu = self.alphas_cumprod.detach().to("cpu", torch.float32).clone()
         self._final_alpha_cumprod_cpu = self.final_alpha_cumprod.detach().to("cpu", torch.float32).clone()
         self._coef_tables: dict[tuple[int, float, torch.device], torch.Tensor] = {}
+        self._checked_step_config: tuple | None = None
+        self._last_coef_table: tuple | None = None
 
     # ------------------------------------------------------------------------------------------------ timesteps
 
@@ -207,6 +215,10 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
+        last = self._last_coef_table
+        if last is not None and last[0] == device and last[1] == eta and last[2] == self.num_inference_steps:
+            # The common case of a loop: same device, eta and N as the previous step.
+            return last[3]
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -219,6 +231,7 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
             if len(self._coef_tables) >= 16:
                 self._coef_tables.clear()
             self._coef_tables[key] = table
+        self._last_coef_table = (device, eta, self.num_inference_steps, table)
         return table
 
     # ------------------------------------------------------------------------------------------------ step
@@ -259,9 +272,16 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
         config = self.config
-        _check_step_config(
-            config.prediction_type, config.timestep_spacing, config.dynamic_thresholding_ratio, config.sample_max_value
+        step_config = (
+            config.prediction_type,
+            config.timestep_spacing,
+            config.dynamic_thresholding_ratio,
+            config.sample_max_value,
         )
+        if step_config != self._checked_step_config:
+            # Pipelines may rewrite the config after construction; checked once per set of values, not per step.
+            _check_step_config(*step_config)
+            self._checked_step_config = step_config
         _check_sample_pair(model_output, sample)
         if not _is_real(eta) or not eta >= 0:
             raise ValueError(f"eta must be a real number >= 0, got {eta!r}")
@@ -371,19 +391,18 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         """Returns (int timestep, device timestep tensor or None, whether diffusers would promote to fp32)."""
         promote = False
         if isinstance(timestep, torch.Tensor):
+            if timestep.dtype not in _INTEGER_DTYPES:
+                raise TypeError(f"timestep must be an integer tensor, got dtype {timestep.dtype}")
             if timestep.numel() != 1:
                 raise ValueError(
                     f"timestep must be a single timestep (a 0-dim or one-element tensor), got shape {tuple(timestep.shape)}"
                 )
-            if timestep.is_floating_point() or timestep.is_complex() or timestep.dtype == torch.bool:
-                raise TypeError(f"timestep must be an integer tensor, got dtype {timestep.dtype}")
             # diffusers' coefficients become 1-D for a 1-D timestep, which promotes fp16/bf16 results to fp32.
             promote = timestep.dim() > 0
-            if timestep.device == sample.device and sample.device.type != "cpu":
-                return 0, timestep.reshape(()), promote
-            if timestep.device.type != "cpu":
-                return 0, timestep.reshape(()).to(sample.device), promote
-            timestep = int(timestep.reshape(()))
+            if timestep.is_cuda:
+                # The kernels read element 0 of a one-element tensor of any rank: no reshape on the hot path.
+                return 0, timestep if timestep.device == sample.device else timestep.to(sample.device), promote
+            timestep = int(timestep)
         elif isinstance(timestep, np.ndarray) and timestep.size == 1 and np.issubdtype(timestep.dtype, np.integer):
             timestep = int(timestep.reshape(()))
         if not _is_int(timestep):
@@ -452,10 +471,13 @@ def _check_sample_pair(model_output: object, sample: object) -> None:
 def _check_variance_noise(variance_noise: object, sample: torch.Tensor) -> torch.Tensor:
     if not isinstance(variance_noise, torch.Tensor) or not variance_noise.is_floating_point():
         raise TypeError(f"variance_noise must be a floating-point torch.Tensor, got {variance_noise!r:.80}")
-    try:
-        expanded_shape = torch.broadcast_shapes(variance_noise.shape, sample.shape)
-    except RuntimeError:
-        expanded_shape = None
+    if variance_noise.shape == sample.shape:
+        expanded_shape = sample.shape
+    else:
+        try:
+            expanded_shape = torch.broadcast_shapes(variance_noise.shape, sample.shape)
+        except RuntimeError:
+            expanded_shape = None
     if expanded_shape != sample.shape:
         raise ValueError(
             f"variance_noise must be broadcastable to the sample shape {tuple(sample.shape)}, "

@@ -191,3 +191,29 @@ def test_coefficient_table_matches_diffusers_scalars():
         ]
         for column, value in enumerate(expected):
             assert torch.equal(table[t, column], value), (t, column)
+
+
+@pytest.mark.parametrize(
+    ("model_output_layout", "sample_layout", "flat"),
+    [
+        ("contiguous", "contiguous", True),
+        ("channels_last", "channels_last", True),
+        ("contiguous", "channels_last", False),
+        ("sliced", "sliced", False),
+    ],
+)
+def test_launch_plans_are_cached_per_signature(model_output_layout, sample_layout, flat, monkeypatch):
+    """One plan per (shape, strides, flags); the slim flat kernel only when every tensor shares one dense layout.
+
+    The second call hits the cached plan with new data and must still match the reference exactly.
+    """
+    monkeypatch.setattr(ops, "_STEP_PLANS", {})
+    generator = torch.Generator().manual_seed(4)
+    table = _table(0.0)
+    for call in range(2):
+        model_output = LAYOUTS[model_output_layout](torch.randn(2, 4, 5, 6, generator=generator).to(DEVICE))
+        sample = LAYOUTS[sample_layout](torch.randn(2, 4, 5, 6, generator=generator).to(DEVICE))
+        (prev, x0), (prev_ref, x0_ref) = _run_both(model_output, sample, table, 600 + call)
+        assert torch.equal(prev, prev_ref) and torch.equal(x0, x0_ref)
+    (plan,) = ops._STEP_PLANS.values()
+    assert (plan.kernel is ops._ddim_step_flat_kernel) == flat

@@ -132,79 +132,42 @@ def _element_offsets(
 
 
 @triton.jit
-def _ddim_step_kernel(
-    # Pointers to tensors
-    model_output_ptr,  # [B, D1, D2, D3] any float dtype
-    sample_ptr,  # [B, D1, D2, D3] same dtype as model_output
-    noise_ptr,  # [B, D1, D2, D3] (may have 0 strides) when NOISE_MODE == NOISE_TENSOR
-    prev_sample_ptr,  # [B, D1, D2, D3] output x_{t-1}
-    pred_original_ptr,  # [B, D1, D2, D3] output x_0, same strides as prev_sample
-    coef_table_ptr,  # [num_train_timesteps, NUM_COEFS] fp32
-    timestep_ptr,  # int64 scalar when TIMESTEP_FROM_PTR
-    seed_ptr,  # int64 [1] Philox seed when NOISE_MODE == NOISE_PHILOX
-    threshold_scale_ptr,  # fp32 [B] dynamic-threshold s per sample when THRESHOLD
-    # Scalars
+def _ddim_update(
+    model_output_ptr,
+    sample_ptr,
+    noise_ptr,
+    prev_sample_ptr,
+    pred_original_ptr,
+    coef_table_ptr,
+    timestep_ptr,
+    seed_ptr,
+    threshold_scale_ptr,
     timestep,
     num_train_timesteps,
     clip_sample_range,
-    numel,
-    # Logical shape (the batch size is implied by numel)
-    size1,
-    size2,
-    size3,
-    # Strides, in elements
-    stride_mo0,
-    stride_mo1,
-    stride_mo2,
-    stride_mo3,
-    stride_s0,
-    stride_s1,
-    stride_s2,
-    stride_s3,
-    stride_n0,
-    stride_n1,
-    stride_n2,
-    stride_n3,
-    stride_out0,
-    stride_out1,
-    stride_out2,
-    stride_out3,
-    # Meta-parameters
+    pid,  # int64 program id
+    mask,  # [BLOCK_SIZE] element in range
+    off_mo,  # [BLOCK_SIZE] int64 memory offsets of this block's elements in each tensor
+    off_s,
+    off_n,
+    off_out,
+    batch,  # [BLOCK_SIZE] int64 batch index of each element (read only when THRESHOLD)
     PREDICTION_TYPE: tl.constexpr,
     CLIP_SAMPLE: tl.constexpr,
     THRESHOLD: tl.constexpr,
     USE_CLIPPED_MODEL_OUTPUT: tl.constexpr,
     NOISE_MODE: tl.constexpr,
-    # All tensors share one dense layout: index memory directly and skip the div/mod address arithmetic.
-    FLAT: tl.constexpr,
     TIMESTEP_FROM_PTR: tl.constexpr,
     DIVIDE_BY_RECIPROCAL: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    # int64 so tensors past 2^31 elements index correctly.
-    pid = tl.program_id(0).to(tl.int64)
-    idx = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE).to(tl.int64)  # [BLOCK_SIZE]
-    mask = idx < numel
-
+    """The DDIM update of one block of elements, given their offsets: the body both step kernels share."""
     coef_row_ptr, row_valid = _coefficient_row(
         coef_table_ptr, timestep_ptr, timestep, num_train_timesteps, TIMESTEP_FROM_PTR
     )
     sqrt_alpha_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_T, row_valid)
     sqrt_beta_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_BETA_PROD_T, row_valid)
     sqrt_alpha_prod_prev = _load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_PREV, row_valid)
-
-    if FLAT:
-        off_mo = idx
-        off_s = idx
-        off_n = idx
-        off_out = idx
-        batch = idx // stride_out0
-    else:
-        off_mo = _element_offsets(idx, size1, size2, size3, stride_mo0, stride_mo1, stride_mo2, stride_mo3)
-        off_s = _element_offsets(idx, size1, size2, size3, stride_s0, stride_s1, stride_s2, stride_s3)
-        off_n = _element_offsets(idx, size1, size2, size3, stride_n0, stride_n1, stride_n2, stride_n3)
-        off_out = _element_offsets(idx, size1, size2, size3, stride_out0, stride_out1, stride_out2, stride_out3)
-        batch = idx // (size1 * size2 * size3)
 
     model_output = tl.load(model_output_ptr + off_mo, mask=mask).to(tl.float32)
     sample = tl.load(sample_ptr + off_s, mask=mask).to(tl.float32)
@@ -260,3 +223,151 @@ def _ddim_step_kernel(
 
     tl.store(prev_sample_ptr + off_out, prev_sample.to(prev_sample_ptr.dtype.element_ty), mask=mask)
     tl.store(pred_original_ptr + off_out, pred_original.to(pred_original_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ddim_step_flat_kernel(
+    # Pointers to tensors, all sharing one dense layout (any dim order); see _ddim_step_kernel
+    model_output_ptr,
+    sample_ptr,
+    noise_ptr,
+    prev_sample_ptr,
+    pred_original_ptr,
+    coef_table_ptr,
+    timestep_ptr,
+    seed_ptr,
+    threshold_scale_ptr,
+    # Scalars
+    timestep,
+    num_train_timesteps,
+    clip_sample_range,
+    numel,
+    row_numel,  # elements per batch entry: the storage offset of batch b starts at b * row_numel
+    # Meta-parameters
+    PREDICTION_TYPE: tl.constexpr,
+    CLIP_SAMPLE: tl.constexpr,
+    THRESHOLD: tl.constexpr,
+    USE_CLIPPED_MODEL_OUTPUT: tl.constexpr,
+    NOISE_MODE: tl.constexpr,
+    TIMESTEP_FROM_PTR: tl.constexpr,
+    DIVIDE_BY_RECIPROCAL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """The common case, every tensor laid out alike and dense: memory is indexed directly, no div/mod address
+    arithmetic, and half the arguments of the strided kernel (Triton's launch binds every argument on the host)."""
+    # int64 so tensors past 2^31 elements index correctly.
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE).to(tl.int64)  # [BLOCK_SIZE]
+    batch = idx // row_numel if THRESHOLD else idx
+    _ddim_update(
+        model_output_ptr,
+        sample_ptr,
+        noise_ptr,
+        prev_sample_ptr,
+        pred_original_ptr,
+        coef_table_ptr,
+        timestep_ptr,
+        seed_ptr,
+        threshold_scale_ptr,
+        timestep,
+        num_train_timesteps,
+        clip_sample_range,
+        pid,
+        idx < numel,
+        idx,
+        idx,
+        idx,
+        idx,
+        batch,
+        PREDICTION_TYPE,
+        CLIP_SAMPLE,
+        THRESHOLD,
+        USE_CLIPPED_MODEL_OUTPUT,
+        NOISE_MODE,
+        TIMESTEP_FROM_PTR,
+        DIVIDE_BY_RECIPROCAL,
+        BLOCK_SIZE,
+    )
+
+
+@triton.jit
+def _ddim_step_kernel(
+    # Pointers to tensors
+    model_output_ptr,  # [B, D1, D2, D3] any float dtype
+    sample_ptr,  # [B, D1, D2, D3] same dtype as model_output
+    noise_ptr,  # [B, D1, D2, D3] (may have 0 strides) when NOISE_MODE == NOISE_TENSOR
+    prev_sample_ptr,  # [B, D1, D2, D3] output x_{t-1}
+    pred_original_ptr,  # [B, D1, D2, D3] output x_0, same strides as prev_sample
+    coef_table_ptr,  # [num_train_timesteps, NUM_COEFS] fp32
+    timestep_ptr,  # int64 scalar when TIMESTEP_FROM_PTR
+    seed_ptr,  # int64 [1] Philox seed when NOISE_MODE == NOISE_PHILOX
+    threshold_scale_ptr,  # fp32 [B] dynamic-threshold s per sample when THRESHOLD
+    # Scalars
+    timestep,
+    num_train_timesteps,
+    clip_sample_range,
+    numel,
+    # Logical shape (the batch size is implied by numel)
+    size1,
+    size2,
+    size3,
+    # Strides, in elements
+    stride_mo0,
+    stride_mo1,
+    stride_mo2,
+    stride_mo3,
+    stride_s0,
+    stride_s1,
+    stride_s2,
+    stride_s3,
+    stride_n0,
+    stride_n1,
+    stride_n2,
+    stride_n3,
+    stride_out0,
+    stride_out1,
+    stride_out2,
+    stride_out3,
+    # Meta-parameters
+    PREDICTION_TYPE: tl.constexpr,
+    CLIP_SAMPLE: tl.constexpr,
+    THRESHOLD: tl.constexpr,
+    USE_CLIPPED_MODEL_OUTPUT: tl.constexpr,
+    NOISE_MODE: tl.constexpr,
+    TIMESTEP_FROM_PTR: tl.constexpr,
+    DIVIDE_BY_RECIPROCAL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Any strided [B, D1, D2, D3] view per tensor (non-contiguous, broadcast noise, mixed layouts)."""
+    # int64 so tensors past 2^31 elements index correctly.
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE).to(tl.int64)  # [BLOCK_SIZE]
+    _ddim_update(
+        model_output_ptr,
+        sample_ptr,
+        noise_ptr,
+        prev_sample_ptr,
+        pred_original_ptr,
+        coef_table_ptr,
+        timestep_ptr,
+        seed_ptr,
+        threshold_scale_ptr,
+        timestep,
+        num_train_timesteps,
+        clip_sample_range,
+        pid,
+        idx < numel,
+        _element_offsets(idx, size1, size2, size3, stride_mo0, stride_mo1, stride_mo2, stride_mo3),
+        _element_offsets(idx, size1, size2, size3, stride_s0, stride_s1, stride_s2, stride_s3),
+        _element_offsets(idx, size1, size2, size3, stride_n0, stride_n1, stride_n2, stride_n3),
+        _element_offsets(idx, size1, size2, size3, stride_out0, stride_out1, stride_out2, stride_out3),
+        idx // (size1 * size2 * size3),
+        PREDICTION_TYPE,
+        CLIP_SAMPLE,
+        THRESHOLD,
+        USE_CLIPPED_MODEL_OUTPUT,
+        NOISE_MODE,
+        TIMESTEP_FROM_PTR,
+        DIVIDE_BY_RECIPROCAL,
+        BLOCK_SIZE,
+    )

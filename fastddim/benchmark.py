@@ -7,8 +7,9 @@ Two benchmarks, one run, one output folder:
   diffusers' step, fastddim eager, fastddim captured in a CUDA graph, and a device-to-device ``copy_`` of the same
   bytes (the bandwidth ceiling measured in the same run). Every implementation's output is checked against diffusers
   in fp32 before it is timed.
-- **loop**: a whole 50-step sampling loop with ``fastddim.DDIMPipeline`` (CUDA graph and eager), ``diffusers.DDIMPipeline``
-  and ``diffusers.DDIMPipeline`` with ``torch.compile(unet, mode="reduce-overhead")``, on a UNet of the
+- **loop**: a whole 50-step sampling loop with ``fastddim.DDIMPipeline`` (CUDA graph and eager, and the graph around
+  ``torch.compile(unet)`` in Inductor's default mode: ``fastddim-graph-compiled``), ``diffusers.DDIMPipeline`` and
+  ``diffusers.DDIMPipeline`` with ``torch.compile(unet, mode="reduce-overhead")``, on a UNet of the
   ``google/ddpm-cifar10-32`` architecture (random weights) and on the embedded digits model.
 
 Usage::
@@ -41,7 +42,7 @@ Timing (see ``methodology`` in ``results.json``):
 - CPU: ``time.perf_counter`` around back-to-back calls; ``latency_us`` equals ``median_us``.
 - Loop: host wall time of whole pipeline calls with a synchronize after each (1-2 warm-up calls, 3 timed calls).
 - ``torch.compile`` cases run last and are skipped once ``--budget-s`` seconds have passed, so the GPU matrix ends in
-  bounded time; ``reduce-overhead`` loops are run in fp16 only.
+  bounded time; loops that compile the UNet are run in fp16 only.
 """
 
 from __future__ import annotations
@@ -79,8 +80,12 @@ GPU_MESSAGE = (
 )
 
 STEP_IMPLS = ("copy", "diffusers", "diffusers-int", "torch.compile", "fastddim", "fastddim-graph")
-LOOP_IMPLS = ("diffusers", "compile-reduce-overhead", "fastddim-eager", "fastddim-graph")
-COMPILE_IMPLS = ("torch.compile", "compile-reduce-overhead")
+LOOP_IMPLS = ("diffusers", "compile-reduce-overhead", "fastddim-eager", "fastddim-graph", "fastddim-graph-compiled")
+COMPILE_IMPLS = ("torch.compile", "compile-reduce-overhead", "fastddim-graph-compiled")
+# Loop implementations that compile the UNet; run in fp16 only (``Plan.compile_loop_dtypes``) and last.
+COMPILED_LOOP_IMPLS = ("compile-reduce-overhead", "fastddim-graph-compiled")
+# Loop implementations that replay fastddim's captured loop.
+GRAPH_LOOP_IMPLS = ("fastddim-graph", "fastddim-graph-compiled")
 
 # Keys every record carries (None where they do not apply), then the keys specific to each benchmark.
 RECORD_KEYS = (
@@ -128,6 +133,7 @@ LOOP_KEYS = (
     "peak_mem_mib",
     "scheduler_step_us",
     "scheduler_share",
+    "speedup_vs_compile_reduce_overhead",
 )
 
 # google/ddpm-cifar10-32's unet/config.json. Several values differ from UNet2DModel's defaults (freq_shift,
@@ -274,7 +280,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         i for i in STEP_IMPLS if (cuda or i != "fastddim-graph") and (compile_ok or i not in COMPILE_IMPLS)
     )
     loop_impls = tuple(
-        i for i in LOOP_IMPLS if (cuda or i != "fastddim-graph") and (compile_ok or i not in COMPILE_IMPLS)
+        i for i in LOOP_IMPLS if (cuda or i not in GRAPH_LOOP_IMPLS) and (compile_ok or i not in COMPILE_IMPLS)
     )
     if args.tiny:
         plan = Plan(TINY_STEP_CASES, step_impls, TINY_LOOP_CASES, loop_impls, num_inference_steps=3)
@@ -1051,10 +1057,17 @@ def build_loop(impl: str, unet: Any, scheduler_config: dict[str, Any]) -> Callab
     pipeline_class, why = _fastddim_pipeline_class()
     if pipeline_class is None:
         raise SkipCase(why)
+    if impl == "fastddim-graph-compiled":
+        # Inductor's fused UNet kernels (default mode: no CUDA graphs of its own) inside fastddim's captured loop.
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        _raise_dynamo_limits()
+        unet = torch.compile(unet, dynamic=False)
     pipe = pipeline_class(unet, fastddim.DDIMScheduler.from_config(scheduler_config))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    cuda_graph = impl == "fastddim-graph"
+    cuda_graph = impl in GRAPH_LOOP_IMPLS
     return lambda batch_size, steps: pipe(
         batch_size=batch_size, num_inference_steps=steps, output_type="pt", cuda_graph=cuda_graph
     )
@@ -1133,7 +1146,7 @@ def run_loop_impl(case: LoopCase, impl: str, device: torch.device, plan: Plan) -
             pipe(case.batch_size, steps)
             sync(device)
             first_s = time.perf_counter() - start
-            warmup = plan.loop_warmup + (1 if impl == "compile-reduce-overhead" else 0)
+            warmup = plan.loop_warmup + (1 if impl in COMPILED_LOOP_IMPLS else 0)
             for _ in range(warmup):
                 pipe(case.batch_size, steps)
             samples = []
@@ -1144,7 +1157,7 @@ def run_loop_impl(case: LoopCase, impl: str, device: torch.device, plan: Plan) -
                 sync(device)
                 samples.append((time.perf_counter() - start) * 1e6)
         fallbacks = [str(w.message) for w in caught if "eager" in str(w.message)]
-        if impl == "fastddim-graph":
+        if impl in GRAPH_LOOP_IMPLS:
             record["check"] = {"passed": not fallbacks, "method": "no eager fallback warning"}
             if fallbacks:
                 record["check"]["detail"] = f"fell back to eager: {fallbacks[0][:200]}"
@@ -1158,11 +1171,11 @@ def run_loop_impl(case: LoopCase, impl: str, device: torch.device, plan: Plan) -
         record["images_per_s"] = case.batch_size / median_s
         record["ms_per_step"] = median_s * 1e3 / steps
         record["first_call_s"] = first_s
-        if impl in ("fastddim-graph", "compile-reduce-overhead"):
+        if impl in GRAPH_LOOP_IMPLS or impl in COMPILED_LOOP_IMPLS:
             record["capture_s"] = first_s - median_s
         if device.type == "cuda":
             record["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        kind = impl if impl.startswith("fastddim") else "diffusers"
+        kind = "fastddim-graph" if impl in GRAPH_LOOP_IMPLS else impl if impl == "fastddim-eager" else "diffusers"
         step_us = scheduler_step_us(kind, tuple(record["shape"]), case.dtype, device, plan)
         record["scheduler_step_us"] = step_us
         record["scheduler_share"] = steps * step_us / record["median_us"]
@@ -1185,13 +1198,17 @@ def _cudagraph_skips() -> int:
 
 
 def finalize_loop_records(records: list[dict]) -> None:
-    """Fills speedups over diffusers eager (same model, batch and dtype)."""
+    """Fills speedups over diffusers eager and over compile-reduce-overhead (same model, batch and dtype)."""
     loops = [r for r in records if r["benchmark"] == "loop" and r["median_us"]]
-    baselines = {(r["model"], r["batch_size"], r["dtype"]): r for r in loops if r["impl"] == "diffusers"}
-    for record in loops:
-        base = baselines.get((record["model"], record["batch_size"], record["dtype"]))
-        if base:
-            record["speedup_vs_diffusers"] = base["median_us"] / record["median_us"]
+    for baseline_impl, field in (
+        ("diffusers", "speedup_vs_diffusers"),
+        ("compile-reduce-overhead", "speedup_vs_compile_reduce_overhead"),
+    ):
+        baselines = {(r["model"], r["batch_size"], r["dtype"]): r for r in loops if r["impl"] == baseline_impl}
+        for record in loops:
+            base = baselines.get((record["model"], record["batch_size"], record["dtype"]))
+            if base:
+                record[field] = base["median_us"] / record["median_us"]
 
 
 # ------------------------------------------------------------------------------------------------ reports
@@ -1273,8 +1290,8 @@ def markdown_tables(results: dict) -> str:
             "scheduler step alone / loop time.",
             "",
             "| model | batch | dtype | impl | status | images/s | ms/step | call ms (p20–p80) | capture s | "
-            "peak MiB | sched share | speedup |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "peak MiB | sched share | speedup | vs reduce-overhead |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         order = {
             key: i for i, key in enumerate(dict.fromkeys((r["model"], r["dtype"], r["batch_size"]) for r in loops))
@@ -1287,7 +1304,8 @@ def markdown_tables(results: dict) -> str:
                 f"{_fmt(r['images_per_s'], '.1f')} | {_fmt(r['ms_per_step'], '.3f')} | "
                 f"{_with_range(r, '.1f', 1e-3)} | {_fmt(r['capture_s'], '.2f')} | "
                 f"{_fmt(r['peak_mem_mib'], '.0f')} | {_fmt(None if r['scheduler_share'] is None else 100 * r['scheduler_share'], '.1f', '%')} | "
-                f"{_fmt(r['speedup_vs_diffusers'], '.2f', '×')} |"
+                f"{_fmt(r['speedup_vs_diffusers'], '.2f', '×')} | "
+                f"{_fmt(r['speedup_vs_compile_reduce_overhead'], '.2f', '×')} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -1457,12 +1475,13 @@ def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bo
             for impl in plan.loop_impls:
                 if (impl in COMPILE_IMPLS) != compiled:
                     continue
-                if impl == "compile-reduce-overhead" and case.dtype not in plan.compile_loop_dtypes:
+                if impl in COMPILED_LOOP_IMPLS and case.dtype not in plan.compile_loop_dtypes:
                     continue
                 jobs.append(("loop", case, impl))
-    if compile_jobs := [j for j in jobs if j[2] == "compile-reduce-overhead"]:
-        # Batch 1 first: the launch-bound case where reduce-overhead matters most.
-        others = [j for j in jobs if j[2] != "compile-reduce-overhead"]
+    if compile_jobs := [j for j in jobs if j[2] in COMPILED_LOOP_IMPLS]:
+        # Batch 1 first (the launch-bound case where reduce-overhead matters most), each case's two compiled loops
+        # next to each other so that the time budget never leaves one without the other.
+        others = [j for j in jobs if j[2] not in COMPILED_LOOP_IMPLS]
         jobs = others + sorted(compile_jobs, key=lambda j: (j[1].batch_size, j[1].model))
 
     inputs_cache: dict[StepCase, StepInputs] = {}

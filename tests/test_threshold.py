@@ -1,8 +1,9 @@
 """Dynamic thresholding's per-sample scale: the radix-select kernel (``fastddim.threshold``) against torch.quantile.
 
-The oracle is ``dynamic_threshold_scale_ref`` (``torch.quantile`` on the CPU) applied to x_0 computed by diffusers'
-torch formula from the inputs upcast to fp32, i.e. the same fp32 x_0 the kernel computes. Every comparison is bit for
-bit (NaN where the reference is NaN). On the CPU the kernel runs in Triton's interpreter; with CUDA the same tests
+The oracle is diffusers' formula, ``torch.quantile`` on the CPU then the clamp, applied to x_0 computed by diffusers'
+torch formula from the inputs upcast to fp32, i.e. the same fp32 x_0 the kernel computes. The PyTorch twin
+``dynamic_threshold_scale_ref`` (selection by ``kthvalue``) is checked against the same oracle. Every comparison is bit
+for bit (NaN where the oracle is NaN). On the CPU the kernel runs in Triton's interpreter; with CUDA the same tests
 compile it for the GPU, and the ``gpu`` tests add realistic sizes, CUDA's own ``torch.quantile`` and graph capture.
 """
 
@@ -60,9 +61,15 @@ def _scale(model_output, sample, table, prediction_type=EPSILON, ratio=0.995, sa
     )
 
 
+def _quantile_scale(pred_original, ratio, sample_max_value):
+    """diffusers' ``_threshold_sample`` scale, literally: torch.quantile of |x_0| per row, then the clamp."""
+    rows = pred_original.reshape(pred_original.shape[0], -1).abs()
+    return torch.clamp(torch.quantile(rows, ratio, dim=1), min=1, max=sample_max_value)
+
+
 def _expected(model_output, sample, table, prediction_type=EPSILON, ratio=0.995, sample_max_value=BIG):
     pred_original = _pred_original(model_output, sample, table, prediction_type).cpu()
-    return dynamic_threshold_scale_ref(pred_original, ratio, sample_max_value)
+    return _quantile_scale(pred_original, ratio, sample_max_value)
 
 
 def _assert_bitwise(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -363,6 +370,40 @@ _VALUES = st.one_of(
     st.sampled_from([0.0, 0.5, -1.0, 2.0, 3.0]),
     st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, width=32),
 )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    batch=st.integers(1, 20),
+    row_numel=st.integers(1, 40),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    ratio=st.one_of(st.sampled_from([1.0, 0.5, 0.995]), st.floats(min_value=1e-7, max_value=1.0, exclude_min=True)),
+    special=st.sampled_from([None, float("nan"), float("inf")]),
+)
+def test_reference_selects_what_torch_quantile_sorts(data, batch, row_numel, dtype, ratio, special):
+    """kthvalue + lerp in the reference == torch.quantile, bit for bit: ties, NaN and inf rows, ranks computed in the
+    row's dtype (fp64 for fp64), and batch sizes on both sides of the CPU lerp kernel's vector width."""
+    values = data.draw(st.lists(_VALUES, min_size=batch * row_numel, max_size=batch * row_numel))
+    # Shifted to >= 1 so that the clamp to [1, BIG] hides no quantile.
+    rows = torch.tensor(values, dtype=dtype).reshape(batch, row_numel).abs() + 1
+    if special is not None:
+        rows[data.draw(st.integers(0, batch - 1)), data.draw(st.integers(0, row_numel - 1))] = special
+    _assert_bitwise_any_dtype(dynamic_threshold_scale_ref(rows, ratio, BIG), _quantile_scale(rows, ratio, BIG))
+
+
+def _assert_bitwise_any_dtype(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan), f"NaN pattern differs: {actual} vs {expected}"
+    assert torch.equal(actual[~nan], expected[~nan]), f"{actual} vs {expected}"
+
+
+def test_reference_on_large_rows_and_empty_rows():
+    rows = torch.randn(3, 70000, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 10
+    _assert_bitwise_any_dtype(dynamic_threshold_scale_ref(rows, 0.995, BIG), _quantile_scale(rows, 0.995, BIG))
+    # torch.quantile rejects empty rows; the twin returns NaN, as the kernel's launcher does.
+    assert dynamic_threshold_scale_ref(torch.empty(2, 0), 0.9, BIG).isnan().all()
 
 
 @interpreter

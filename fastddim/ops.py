@@ -165,7 +165,7 @@ def _plan_step(
     sizes, (stride_mo, stride_s, stride_n, stride_out) = layout
     batch = sizes[0]
     block_size, num_warps = _launch_config(numel)
-    grid = (-(-numel // block_size),)
+    grid = (triton.cdiv(numel, block_size),)
     meta = dict(meta, BLOCK_SIZE=block_size, num_warps=num_warps, enable_fp_fusion=False)
     dense_out = make_contiguous or _is_dense(shape, strides[3])
     if (

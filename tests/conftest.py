@@ -4,6 +4,7 @@ Without CUDA the Triton kernels run in Triton's CPU interpreter. ``TRITON_INTERP
 decorates a function, so it must be set here, before any test module imports ``fastddim``.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -44,3 +45,35 @@ def nan_poisoned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison(real_empty(*args, **kwargs)))
     monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: poison(real_empty_like(*args, **kwargs)))
+
+
+class ReplayingGraph:
+    """Stand-in for a captured CUDA graph: "replay" reruns the captured loop over the same static buffers."""
+
+    def __init__(self, run, num_steps):
+        self.run, self.num_steps = run, num_steps
+        self.output = run(num_steps).clone()
+
+    def replay(self):
+        self.output.copy_(self.run(self.num_steps))
+
+
+@pytest.fixture
+def stand_in_graphs(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Routes ``fastddim.DDIMPipeline``'s CUDA-graph path through the CPU; returns the list of captures made.
+
+    The graph bookkeeping (keys, LRU, invalidation, fallback, static buffers, per-call noise) then runs in CI.
+    """
+    import fastddim.pipeline
+
+    captures = []
+
+    def capture_graph(run, num_steps, device, uses_rng):
+        captures.append(dict(num_steps=num_steps, uses_rng=uses_rng))
+        graph = ReplayingGraph(run, num_steps)
+        return graph, graph.output
+
+    monkeypatch.setattr(fastddim.pipeline, "_graphs_supported", lambda device: True)
+    monkeypatch.setattr(fastddim.pipeline, "_capture_graph", capture_graph)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    return captures

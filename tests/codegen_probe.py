@@ -1,0 +1,162 @@
+"""Compile fastddim's Triton kernels for NVIDIA GPUs on a machine without one, and report properties of the PTX.
+
+Run as ``python -m tests.codegen_probe`` with ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled);
+``tests/test_kernel_codegen.py`` does so in a subprocess and checks the JSON this prints. Each case goes through the
+real launchers (``fastddim.ops.launch_ddim_step``, ``fastddim.threshold.launch_dynamic_threshold_scale``), whose
+kernel launches are captured and replayed as ``JITFunction.warmup``: Triton then specializes the arguments exactly as
+it would for a launch (dtypes, 16-byte alignment, integers equal to 1) and compiles, but launches nothing. A minimal
+stand-in for Triton's driver supplies the target, so no CUDA driver is needed. Tensors are CPU tensors; the one
+CUDA-only meta-parameter, ``DIVIDE_BY_RECIPROCAL``, is set as a CUDA launch would set it.
+"""
+
+import json
+import re
+import sys
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+
+# (compute capability, warp size) of the targets compiled for: A100 and H100.
+TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_90": GPUTarget("cuda", 90, 32)}
+
+
+class CompileOnlyDriver:
+    """Just enough of a Triton driver for ``JITFunction.warmup``: a fixed target, device 0, stream 0."""
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+class CapturedLaunch:
+    """Stands in for a ``@triton.jit`` kernel in a launcher: records ``kernel[grid](*args, **kwargs)``."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, grid, args, kwargs))
+
+
+def _step_cases() -> dict:
+    """name -> (launch_ddim_step arguments, properties the case is meant to have)."""
+    generator = torch.Generator().manual_seed(0)
+    table = torch.zeros(1000, 8)
+    timestep = torch.tensor(981)
+    cases = {}
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        name = str(dtype).removeprefix("torch.")
+        x = torch.randn(2, 4, 32, 32, generator=generator).to(dtype)
+        channels_last = x.to(memory_format=torch.channels_last)
+        flags = (False, 0, True, 1.0, False, dtype)
+        cases[f"flat-{name}"] = ((x, x, table, timestep, 0, None, None, None, *flags), {"flat": True})
+        cases[f"flat-channels-last-{name}"] = (
+            (channels_last, channels_last, table, timestep, 0, None, None, None, *flags),
+            {"flat": True},
+        )
+        cases[f"strided-mixed-layouts-{name}"] = (
+            (x, channels_last, table, timestep, 0, None, None, None, *flags),
+            {"flat": False},
+        )
+    x = torch.randn(2, 4, 32, 32, generator=generator).to(torch.float16)
+    seed = torch.zeros(1, dtype=torch.int64)
+    scale = torch.ones(2)
+    noise = torch.randn(1, 4, 1, 32, generator=generator).to(torch.float16)
+    cases["flat-philox-v-prediction"] = (
+        (x, x, table, timestep, 0, None, seed, None, True, 2, True, 1.0, False, torch.float16),
+        {"flat": True, "philox": True},
+    )
+    cases["flat-threshold-sample-clipped-epsilon"] = (
+        (x, x, table, None, 981, None, None, scale, False, 1, False, 1.0, True, torch.float16),
+        {"flat": True},
+    )
+    cases["strided-broadcast-noise"] = (
+        (x, x, table, timestep, 0, noise, None, None, True, 0, True, 1.0, False, torch.float16),
+        {"flat": False},
+    )
+    return cases
+
+
+def _threshold_cases() -> dict:
+    generator = torch.Generator().manual_seed(1)
+    table = torch.zeros(1000, 8)
+    small = torch.randn(4, 3, 32, 32, generator=generator).to(torch.float16)  # rows in registers
+    large = torch.randn(2, 3, 128, 128, generator=generator)  # rows streamed in chunks
+    args = (table, torch.tensor(981), 0, 0, 0.995, 1.5)
+    return {
+        "threshold-registers": ((small, small, *args), {}),
+        "threshold-streamed": ((large, large, *args), {}),
+        "threshold-streamed-strided": ((large, large[:, :, ::1, :].transpose(2, 3), *args), {}),
+    }
+
+
+def _capture(launcher_name: str, module, kernel_names: tuple[str, ...], args: tuple) -> list:
+    launches: list = []
+    originals = {name: getattr(module, name) for name in kernel_names}
+    # Launch plans hold the kernel object they were planned with: plan afresh with the stand-ins.
+    ops_plans = dict(module._STEP_PLANS) if hasattr(module, "_STEP_PLANS") else None
+    if ops_plans is not None:
+        module._STEP_PLANS.clear()
+    try:
+        for name, kernel in originals.items():
+            setattr(module, name, CapturedLaunch(kernel, launches))
+        if launcher_name == "step":
+            module.launch_ddim_step(*args, traceable=False)
+        else:
+            module.launch_dynamic_threshold_scale(*args, traceable=False)
+    finally:
+        for name, kernel in originals.items():
+            setattr(module, name, kernel)
+        if ops_plans is not None:
+            module._STEP_PLANS.clear()
+            module._STEP_PLANS.update(ops_plans)
+    return launches
+
+
+def _ptx_properties(ptx: str) -> dict:
+    return {
+        "fma": len(re.findall(r"\bfma\.rn", ptx)),
+        "ld_global_v4": len(re.findall(r"\bld\.global(?:\.\w+)*\.v4", ptx)),
+        "st_global_v4": len(re.findall(r"\bst\.global(?:\.\w+)*\.v4", ptx)),
+    }
+
+
+def main() -> int:
+    from fastddim import ops, threshold
+
+    if ops.interpreting():
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
+    launches = {}
+    for name, (args, expected) in _step_cases().items():
+        launches[name] = (_capture("step", ops, ("_ddim_step_kernel", "_ddim_step_flat_kernel"), args), expected)
+    for name, (args, expected) in _threshold_cases().items():
+        launches[name] = (_capture("threshold", threshold, ("_dynamic_threshold_scale_kernel",), args), expected)
+
+    report = {}
+    for target_name, target in TARGETS.items():
+        # Not reset afterwards: without a GPU, Triton's default driver cannot even be created.
+        driver.set_active(CompileOnlyDriver(target))
+        for name, (captured, expected) in launches.items():
+            ((kernel, grid, args, kwargs),) = captured
+            compiled = kernel.warmup(*args, grid=grid, **dict(kwargs, DIVIDE_BY_RECIPROCAL=True))
+            entry = report.setdefault(name, {"kernel": kernel.__name__, **expected, "targets": {}})
+            entry["targets"][target_name] = _ptx_properties(compiled.asm["ptx"])
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

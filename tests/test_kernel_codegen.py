@@ -1,0 +1,78 @@
+"""The kernels' GPU code, checked without a GPU: every variant compiles for A100 (sm_80) and H100 (sm_90), and the PTX
+has the properties the design relies on. ``tests/codegen_probe.py`` compiles through the real launchers in a
+subprocess (compilation needs ``TRITON_INTERPRET`` unset, which this process has set when CUDA is absent).
+
+The interpreter tests check what the kernels compute; these check what the compiler makes of them, which the
+interpreter never sees: no mul+add contraction into FMA in the step (fp32 bit-exactness with diffusers depends on
+it), and 128-bit global loads and stores in the common all-dense layout (the flat kernel's reason to exist).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ("sm_80", "sm_90")
+FLAT_KERNEL, STRIDED_KERNEL = "_ddim_step_flat_kernel", "_ddim_step_kernel"
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "tests.codegen_probe"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout)
+
+
+def _step_cases(report: dict) -> dict:
+    return {name: entry for name, entry in report.items() if entry["kernel"] in (FLAT_KERNEL, STRIDED_KERNEL)}
+
+
+def test_every_variant_compiles_for_a100_and_h100(report):
+    assert len(_step_cases(report)) >= 10 and any(
+        e["kernel"] == "_dynamic_threshold_scale_kernel" for e in report.values()
+    )
+    for name, entry in report.items():
+        assert set(entry["targets"]) == set(TARGETS), name
+
+
+def test_launcher_picks_the_flat_kernel_exactly_for_one_shared_dense_layout(report):
+    for name, entry in _step_cases(report).items():
+        assert entry["kernel"] == (FLAT_KERNEL if entry["flat"] else STRIDED_KERNEL), name
+
+
+def test_step_has_no_fma_contraction(report):
+    """Each mul and add rounded separately, as diffusers' eager ops do. Philox's Box-Muller (libdevice log/sincos)
+    may use FMAs: in-kernel noise is a different random stream from diffusers' anyway."""
+    for name, entry in _step_cases(report).items():
+        if entry.get("philox"):
+            continue
+        for target, ptx in entry["targets"].items():
+            assert ptx["fma"] == 0, (name, target)
+
+
+def test_threshold_kernel_fmas_are_only_the_interpolation(report):
+    """Two tl.fma calls in the lerp reproduce ATen's fused lerp (see fastddim/threshold.py); nothing else contracts."""
+    for name, entry in report.items():
+        if entry["kernel"] == "_dynamic_threshold_scale_kernel":
+            for target, ptx in entry["targets"].items():
+                assert ptx["fma"] == 2, (name, target)
+
+
+def test_flat_kernel_moves_16_bytes_per_access(report):
+    """Two inputs read and two outputs written with 128-bit vector instructions (fp16/bf16: 8 elements each)."""
+    for name, entry in _step_cases(report).items():
+        if entry["flat"]:
+            for target, ptx in entry["targets"].items():
+                assert ptx["ld_global_v4"] >= 2 and ptx["st_global_v4"] >= 2, (name, target, ptx)

@@ -1,7 +1,9 @@
 """Compile fastddim's Triton kernels for NVIDIA GPUs on a machine without one, and report properties of the PTX.
 
 Run as ``python -m tests.codegen_probe`` with ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled);
-``tests/test_kernel_codegen.py`` does so in a subprocess and checks the JSON this prints. Each case goes through the
+``tests/test_kernel_codegen.py`` does so in a subprocess and checks the JSON this prints. For people,
+``python -m tests.codegen_probe --report sm_90`` prints each variant's registers, local-memory (spill) bytes and SASS
+instruction mix (from Triton's bundled ``cuobjdump``): a static view of the GPU code on a machine without a GPU. Each case goes through the
 real launchers (``fastddim.ops.launch_ddim_step``, ``fastddim.threshold.launch_dynamic_threshold_scale``), whose
 kernel launches are captured and replayed as ``JITFunction.warmup``: Triton then specializes the arguments exactly as
 it would for a launch (dtypes, 16-byte alignment, integers equal to 1) and compiles, but launches nothing. A minimal
@@ -9,9 +11,14 @@ stand-in for Triton's driver supplies the target, so no CUDA driver is needed. T
 CUDA-only meta-parameter, ``DIVIDE_BY_RECIPROCAL``, is set as a CUDA launch would set it.
 """
 
+import argparse
+import collections
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 from triton.backends.compiler import GPUTarget
@@ -133,7 +140,31 @@ def _ptx_properties(ptx: str) -> dict:
     }
 
 
-def main() -> int:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        return subprocess.run([tool, flag, file.name], capture_output=True, text=True, check=True).stdout
+
+
+def _report_line(name: str, kwargs: dict, cubin: bytes) -> str:
+    usage = dict(re.findall(r"(REG|LOCAL|SHARED):(\d+)", _cuobjdump(cubin, "-res-usage")))
+    # SASS lines look like "/*0070*/  LDG.E.128 R4, desc[UR4][R2.64] ;": count the opcodes (predicates dropped).
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", _cuobjdump(cubin, "-sass"))
+    top = ", ".join(f"{op} {count}" for op, count in collections.Counter(opcodes).most_common(6))
+    block = f"{kwargs.get('BLOCK_SIZE')}/{kwargs.get('num_warps')}w"
+    return (
+        f"{name:40s} {block:>10s} {usage.get('REG', '?'):>4s} {usage.get('LOCAL', '?'):>6s} {len(opcodes):>6d}  {top}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", choices=sorted(TARGETS), help="print a resource/SASS table for this target")
+    options = parser.parse_args(argv)
     from fastddim import ops, threshold
 
     if ops.interpreting():
@@ -144,6 +175,15 @@ def main() -> int:
         launches[name] = (_capture("step", ops, ("_ddim_step_kernel", "_ddim_step_flat_kernel"), args), expected)
     for name, (args, expected) in _threshold_cases().items():
         launches[name] = (_capture("threshold", threshold, ("_dynamic_threshold_scale_kernel",), args), expected)
+
+    if options.report:
+        driver.set_active(CompileOnlyDriver(TARGETS[options.report]))
+        print(f"{'case':40s} {'block':>10s} {'REG':>4s} {'LOCAL':>6s} {'SASS':>6s}  most frequent opcodes")
+        for name, (captured, _) in launches.items():
+            ((kernel, grid, launch_args, kwargs),) = captured
+            compiled = kernel.warmup(*launch_args, grid=grid, **dict(kwargs, DIVIDE_BY_RECIPROCAL=True))
+            print(_report_line(name, kwargs, compiled.asm["cubin"]))
+        return 0
 
     report = {}
     for target_name, target in TARGETS.items():

@@ -288,6 +288,8 @@ def test_capture_failure_falls_back_to_eager_with_one_warning(unet, mode):
 def test_compiled_unet_inside_the_captured_loop(unet):
     """Inductor's UNet kernels (torch.compile, default mode) captured with the fused steps in one graph: the replay
     reproduces the same compiled loop run eagerly (same kernels, so 1e-5 covers only TF32-free fp32 noise)."""
+    import torch._dynamo
+
     torch._dynamo.reset()
     pipe = make_pipe(torch.compile(make_cuda_unet()))
     kwargs = dict(batch_size=2, eta=0.0, num_inference_steps=STEPS, output_type="pt")

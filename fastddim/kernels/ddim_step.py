@@ -361,7 +361,7 @@ def _ddim_step_kernel(
         _element_offsets(idx, size1, size2, size3, stride_s0, stride_s1, stride_s2, stride_s3),
         _element_offsets(idx, size1, size2, size3, stride_n0, stride_n1, stride_n2, stride_n3),
         _element_offsets(idx, size1, size2, size3, stride_out0, stride_out1, stride_out2, stride_out3),
-        idx // (size1 * size2 * size3),
+        idx // (size1 * size2 * size3) if THRESHOLD else idx,
         PREDICTION_TYPE,
         CLIP_SAMPLE,
         THRESHOLD,

@@ -1,6 +1,7 @@
 """The kernels' GPU code, checked without a GPU: 15 variants (every dtype, layout path, noise mode and threshold
-path) compile for A100 (sm_80) and H100 (sm_90), and the PTX has the properties the design relies on. ``tests/codegen_probe.py`` compiles through the real launchers in a
-subprocess (compilation needs ``TRITON_INTERPRET`` unset, which this process has set when CUDA is absent).
+path) compile for A100 (sm_80) and H100 (sm_90), and the PTX has the properties the design relies on.
+``tests/codegen_probe.py`` compiles through the real launchers in a subprocess (compilation needs
+``TRITON_INTERPRET`` unset, which this process has set when CUDA is absent).
 
 The interpreter tests check what the kernels compute; these check what the compiler makes of them, which the
 interpreter never sees: no mul+add contraction into FMA in the step (fp32 bit-exactness with diffusers depends on

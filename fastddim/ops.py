@@ -140,6 +140,40 @@ class _StepPlan(NamedTuple):
     layout_args: tuple[int, ...]  # the kernel's arguments after clip_sample_range
     meta: dict  # constexpr meta-parameters and launch options
     make_contiguous: bool  # the layout is not expressible as [B, D1, D2, D3]: copy the inputs once first
+    # The kernel's constexpr arguments in signature order, which a compiled kernel's launcher takes after the others;
+    # None where kernels cannot be launched directly (Triton's interpreter).
+    constexpr_values: tuple | None
+    # Compiled kernels' launchers by ``_launcher_key``, filled by the first launch of each (see launch_ddim_step).
+    launchers: dict
+
+
+def _constexpr_values(kernel: object, meta: dict) -> tuple | None:
+    if not isinstance(kernel, triton.runtime.jit.JITFunction):
+        return None
+    names = [param.name for param in kernel.params if param.is_constexpr]
+    if any(name not in meta for name in names):
+        return None
+    return tuple(meta[name] for name in names)
+
+
+def _launcher_key(device_index: int, tensors: tuple[torch.Tensor, ...]) -> tuple:
+    """What Triton specializes a compiled step kernel on among the arguments that change from call to call.
+
+    Triton specializes a tensor argument on its dtype and on whether its address is a multiple of 16 bytes, and an
+    integer on being 1 or a multiple of 16; the step kernels' per-call integers (timestep, num_train_timesteps) are
+    ``do_not_specialize`` and everything else is fixed by the launch plan. Two launches with the same key therefore
+    run the same compiled kernel (tests/direct_launch_probe.py checks this against Triton's own dispatch).
+    """
+    aligned = 0
+    for position, tensor in enumerate(tensors):
+        if tensor.data_ptr() % 16 == 0:
+            aligned |= 1 << position
+    return (device_index, aligned, *[tensor.dtype for tensor in tensors])
+
+
+def _direct_launch_device(sample: torch.Tensor) -> int | None:
+    """The CUDA device index to launch compiled kernels on directly, or None to go through Triton's dispatch."""
+    return sample.device.index if sample.is_cuda else None
 
 
 # Launch plans by signature. An eager step's host time is what bounds a small-batch step (the GPU work is a few
@@ -173,9 +207,11 @@ def _plan_step(
         and dense_out
         and (batch == 1 or stride_out[0] * batch == numel)
     ):
-        return _StepPlan(_ddim_step_flat_kernel, grid, (numel, numel // batch), meta, make_contiguous)
-    layout_args = (numel, sizes[1], sizes[2], sizes[3], *stride_mo, *stride_s, *stride_n, *stride_out)
-    return _StepPlan(_ddim_step_kernel, grid, layout_args, meta, make_contiguous)
+        kernel, layout_args = _ddim_step_flat_kernel, (numel, numel // batch)
+    else:
+        kernel = _ddim_step_kernel
+        layout_args = (numel, sizes[1], sizes[2], sizes[3], *stride_mo, *stride_s, *stride_n, *stride_out)
+    return _StepPlan(kernel, grid, layout_args, meta, make_contiguous, _constexpr_values(kernel, meta), {})
 
 
 def launch_ddim_step(
@@ -261,24 +297,36 @@ def launch_ddim_step(
         prev_sample, pred_original = prev_sample.contiguous(), pred_original.contiguous()
 
     placeholder = coef_table
-    kernel = torch.library.wrap_triton(plan.kernel) if traceable else plan.kernel
+    tensors = (
+        model_output,
+        sample,
+        noise if noise_mode == NOISE_TENSOR else placeholder,
+        prev_sample,
+        pred_original,
+        coef_table,
+        timestep_tensor if timestep_tensor is not None else placeholder,
+        seed if noise_mode == NOISE_PHILOX else placeholder,
+        threshold_scale if threshold_scale is not None else placeholder,
+    )
+    scalars = (timestep, coef_table.shape[0], clip_sample_range, *plan.layout_args)
+    device_index = None if traceable or plan.constexpr_values is None else _direct_launch_device(sample)
     with torch.cuda.device(sample.device) if sample.is_cuda else contextlib.nullcontext():
-        kernel[plan.grid](
-            model_output,
-            sample,
-            noise if noise_mode == NOISE_TENSOR else placeholder,
-            prev_sample,
-            pred_original,
-            coef_table,
-            timestep_tensor if timestep_tensor is not None else placeholder,
-            seed if noise_mode == NOISE_PHILOX else placeholder,
-            threshold_scale if threshold_scale is not None else placeholder,
-            timestep,
-            coef_table.shape[0],
-            clip_sample_range,
-            *plan.layout_args,
-            **plan.meta,
-        )
+        if traceable:
+            torch.library.wrap_triton(plan.kernel)[plan.grid](*tensors, *scalars, **plan.meta)
+        elif device_index is None:
+            plan.kernel[plan.grid](*tensors, *scalars, **plan.meta)
+        else:
+            # Triton's dispatch (binding and specializing ~30 arguments, the cache lookup) costs more host time than
+            # the rest of an eager step. After the first launch of a specialization, call the compiled kernel's
+            # launcher directly with the arguments that dispatch would pass it: ours, then the constexprs.
+            launcher_key = _launcher_key(device_index, tensors)
+            launcher = plan.launchers.get(launcher_key)
+            if launcher is None:
+                compiled = plan.kernel[plan.grid](*tensors, *scalars, **plan.meta)
+                if compiled is not None:
+                    plan.launchers[launcher_key] = compiled[(plan.grid[0], 1, 1)]
+            else:
+                launcher(*tensors, *scalars, *plan.constexpr_values)
     return prev_sample, pred_original
 
 

@@ -4,18 +4,21 @@ Two modes:
 
 - default (CUDA): times back-to-back eager steps, the bare launcher and the custom op, the seed draw and one eager
   torch op for scale, then prints the top of a cProfile of the step.
-- ``--host-only`` (any machine, no GPU needed): replaces the Triton kernels by no-ops and times ``step`` on CPU
-  tensors through the Triton launch path, so it measures fastddim's own Python (validation, launch plan, output
-  allocation, ``DDIMSchedulerOutput``) without Triton's dispatch or the GPU. diffusers' step on a tiny CPU tensor
-  is printed next to it for scale.
+- ``--host-only`` (any machine, no GPU needed; run from the repository root): ``step`` on CPU tensors through the
+  Triton launch path with Triton's CUDA driver replaced by a recording stand-in (``tests/direct_launch_probe.py``),
+  so everything but the CUDA driver call itself is timed: fastddim's Python plus either Triton's dispatch or the
+  direct launch of the compiled kernel. With no-op kernels it also times fastddim's Python alone. diffusers' step on a
+  tiny CPU tensor is printed for scale.
 
 Usage: ``python bench/tools/profile_step_overhead.py [--host-only]``.
 """
 
 import argparse
+import collections
 import cProfile
 import os
 import pstats
+import sys
 import time
 from collections.abc import Callable
 
@@ -36,43 +39,55 @@ def per_call_us(fn: Callable[[], object], sync: Callable[[], None], n: int = 100
 
 
 def host_only() -> None:
-    os.environ["TRITON_INTERPRET"] = "1"  # before fastddim imports its kernels
+    os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, before fastddim imports them
     os.environ["FASTDDIM_BACKEND"] = "triton"
+    sys.path.insert(0, os.getcwd())
     import diffusers
     import torch
+    from triton.runtime.driver import driver
 
+    from tests import direct_launch_probe
+
+    driver.set_active(direct_launch_probe.RecordingDriver())
+    direct_launch_probe.RECORDED = collections.deque(maxlen=1)  # keep only the last launch while timing
     import fastddim
     from fastddim import ops
 
-    class NoOpKernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
-    ops._ddim_step_kernel = ops._ddim_step_flat_kernel = NoOpKernel()
+    # CPU tensors stand in for CUDA ones: the Triton backend, and a device to launch compiled kernels on.
+    fastddim.DDIMScheduler._backend_for = staticmethod(lambda sample: "triton")
     torch.set_num_threads(1)
     scheduler = fastddim.DDIMScheduler()
     scheduler.set_timesteps(50)
     reference = diffusers.DDIMScheduler()
     reference.set_timesteps(50)
-    x = torch.randn(1, 4, 64, 64)
+    x = torch.randn(1, 4, 64, 64, dtype=torch.float16)
     tiny = torch.randn(1, 4, 8, 8)
     t = scheduler.timesteps[3]
 
     def nothing() -> None:
         return None
 
-    print("fastddim host time per step, kernels replaced by no-ops (CPU tensors, (1, 4, 64, 64)):")
-    print(f"  step(x, tensor t, x)                {per_call_us(lambda: scheduler.step(x, t, x), nothing):8.1f} us")
-    print(f"  step(x, int t, x)                   {per_call_us(lambda: scheduler.step(x, 901, x), nothing):8.1f} us")
-    tuple_step = per_call_us(lambda: scheduler.step(x, t, x, return_dict=False), nothing)
-    print(f"  step(..., return_dict=False)        {tuple_step:8.1f} us")
-    noise_step = per_call_us(lambda: scheduler.step(x, t, x, eta=1.0, variance_noise=x), nothing)
-    print(f"  step(..., eta=1, variance_noise=x)  {noise_step:8.1f} us")
+    def step() -> object:
+        return scheduler.step(x, t, x)
+
+    print("fastddim host time per step((1, 4, 64, 64) fp16, tensor timestep), all but the CUDA driver call:")
+    ops._direct_launch_device = lambda sample: 0
+    print(f"  direct launch of the compiled kernel   {per_call_us(step, nothing):8.1f} us")
+    ops._direct_launch_device = lambda sample: None
+    print(f"  through Triton's dispatch              {per_call_us(step, nothing):8.1f} us")
+
+    class NoOpKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    ops._ddim_step_kernel = ops._ddim_step_flat_kernel = NoOpKernel()
+    ops._STEP_PLANS.clear()
+    print(f"  fastddim's Python alone (no-op kernel) {per_call_us(step, nothing):8.1f} us")
     print("for scale:")
     print(
-        f"  diffusers step, (1, 4, 8, 8) CPU    {per_call_us(lambda: reference.step(tiny, t, tiny), nothing):8.1f} us"
+        f"  diffusers step, (1, 4, 8, 8) CPU       {per_call_us(lambda: reference.step(tiny, t, tiny), nothing):8.1f} us"
     )
-    print(f"  tiny.add(1)                         {per_call_us(lambda: tiny.add(1), nothing):8.1f} us")
+    print(f"  tiny.add(1)                            {per_call_us(lambda: tiny.add(1), nothing):8.1f} us")
 
 
 def cuda() -> None:

@@ -225,7 +225,9 @@ def _ddim_update(
     tl.store(pred_original_ptr + off_out, pred_original.to(pred_original_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# The timestep changes every step: specializing on it (Triton treats an int equal to 1 as a constant and tracks
+# divisibility by 16) would compile new variants in the middle of a sampling loop, perhaps inside a CUDA-graph capture.
+@triton.jit(do_not_specialize=["timestep", "num_train_timesteps"])
 def _ddim_step_flat_kernel(
     # Pointers to tensors, all sharing one dense layout (any dim order); see _ddim_step_kernel
     model_output_ptr,
@@ -290,7 +292,7 @@ def _ddim_step_flat_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["timestep", "num_train_timesteps"])
 def _ddim_step_kernel(
     # Pointers to tensors
     model_output_ptr,  # [B, D1, D2, D3] any float dtype

@@ -164,17 +164,23 @@ def _launcher_key(device_index: int, tensors: tuple[torch.Tensor, ...]) -> tuple
     ``do_not_specialize`` and everything else is fixed by the launch plan. Two launches with the same key therefore
     run the same compiled kernel (tests/direct_launch_probe.py checks this against Triton's own dispatch).
     """
-    aligned = 0
-    for position, tensor in enumerate(tensors):
-        if tensor.data_ptr() % 16 == 0:
-            aligned |= 1 << position
-    return (device_index, aligned, *[tensor.dtype for tensor in tensors])
+    return (device_index, *[(tensor.dtype, tensor.data_ptr() % 16 == 0) for tensor in tensors])
 
 
 def _direct_launch_device(sample: torch.Tensor) -> int | None:
     """The CUDA device index to launch compiled kernels on directly, or None to go through Triton's dispatch."""
     return sample.device.index if sample.is_cuda else None
 
+
+_STEP_FLAG_NAMES = (
+    "PREDICTION_TYPE",
+    "CLIP_SAMPLE",
+    "THRESHOLD",
+    "USE_CLIPPED_MODEL_OUTPUT",
+    "NOISE_MODE",
+    "TIMESTEP_FROM_PTR",
+    "DIVIDE_BY_RECIPROCAL",
+)
 
 # Launch plans by signature. An eager step's host time is what bounds a small-batch step (the GPU work is a few
 # microseconds), so the layout analysis runs once per signature instead of on every call.
@@ -263,30 +269,33 @@ def launch_ddim_step(
         noise = noise.expand_as(sample)
     else:
         noise_mode = NOISE_NONE
-    strides = [
+    strides = (
         model_output.stride(),
         sample.stride(),
         noise.stride() if noise_mode == NOISE_TENSOR else (),
         prev_sample.stride(),
-    ]
-    meta = {
-        "PREDICTION_TYPE": prediction_type,
-        "CLIP_SAMPLE": clip_sample,
-        "THRESHOLD": threshold_scale is not None,
-        "USE_CLIPPED_MODEL_OUTPUT": use_clipped_model_output,
-        "NOISE_MODE": noise_mode,
-        "TIMESTEP_FROM_PTR": timestep_tensor is not None,
-        "DIVIDE_BY_RECIPROCAL": sample.is_cuda,
-    }
+    )
+    # The constexpr meta-parameters, in the order of _STEP_FLAG_NAMES.
+    flags = (
+        prediction_type,
+        clip_sample,
+        threshold_scale is not None,
+        use_clipped_model_output,
+        noise_mode,
+        timestep_tensor is not None,
+        sample.is_cuda,
+    )
     # Whether kernels are interpreted is fixed when they are decorated (at import), so it needs no place in the key.
-    key = None if traceable else (shape, *strides, *meta.values())
+    key = None if traceable else (shape, strides, flags)
     plan = None if key is None else _STEP_PLANS.get(key)
     if plan is None:
         # Traced launches (torch.compile) plan every time: tracing runs once per graph, and symbolic sizes there are
         # not hashable.
+        layouts = [stride if len(stride) else (1,) for stride in strides]
         if noise_mode != NOISE_TENSOR:
-            strides[2] = strides[1]  # the noise pointer is a placeholder: let it follow the sample's layout
-        plan = _plan_step(tuple(shape) if len(shape) else (1,), [s if len(s) else (1,) for s in strides], numel, meta)
+            layouts[2] = layouts[1]  # the noise pointer is a placeholder: let it follow the sample's layout
+        meta = dict(zip(_STEP_FLAG_NAMES, flags, strict=True))
+        plan = _plan_step(tuple(shape) if len(shape) else (1,), layouts, numel, meta)
         if key is not None:
             if len(_STEP_PLANS) >= _MAX_STEP_PLANS:
                 _STEP_PLANS.clear()

@@ -2,6 +2,10 @@
 
 The scheduler (``fastddim/scheduler.py``) validates user input; the functions here assume consistent arguments and
 only decide how to launch. Each op has a pure-PyTorch twin in ``fastddim/reference.py``.
+
+An eager step at small batch is bound by host time, not by the GPU, so ``launch_ddim_step`` keeps per-signature
+launch plans (layout analysis, grid, kernel choice) and, on CUDA, calls each compiled kernel's launcher directly after
+its first launch through Triton's dispatch (``tests/test_direct_launch.py`` checks this against the dispatch).
 """
 
 import contextlib
@@ -252,8 +256,9 @@ def launch_ddim_step(
         use_clipped_model_output: re-derive epsilon from the clipped x_0.
         out_dtype: dtype of both outputs.
         traceable: launch through ``torch.library.wrap_triton`` so torch.compile can trace the launch (what the
-            registered op does). ``False`` calls the kernel directly: eagerly, the wrapper's higher-order-op dispatch
-            costs hundreds of microseconds of host time per call (measured on an H100 host, torch 2.11).
+            registered op does). ``False`` launches eagerly, through the cached launch plan and, on CUDA, the
+            compiled kernel's launcher: the wrapper's higher-order-op dispatch costs hundreds of microseconds of
+            host time per call (measured on an H100 host, torch 2.11).
     """
     prev_sample = torch.empty_like(sample, dtype=out_dtype)
     pred_original = torch.empty_like(sample, dtype=out_dtype)

@@ -19,8 +19,9 @@ import sys
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
+
+from tests.codegen_probe import TARGETS, CompileOnlyDriver
 
 RECORDED: list[tuple] = []
 
@@ -43,21 +44,14 @@ class RecordingUtils:
         return {"max_shared_mem": 232448, "multiprocessor_count": 132}
 
 
-class RecordingDriver:
+class RecordingDriver(CompileOnlyDriver):
+    """The compile-only driver plus what loading and launching a compiled kernel asks of a driver, all recorded."""
+
     launcher_cls = RecordingLauncher
     utils = RecordingUtils()
 
-    def get_current_target(self) -> GPUTarget:
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def get_current_stream(self, device: int | None = None) -> int:
-        return 0
-
-    def get_active_torch_device(self) -> torch.device:
-        return torch.device("cpu")
+    def __init__(self):
+        super().__init__(TARGETS["sm_90"])
 
 
 def _normalize(value):

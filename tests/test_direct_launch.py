@@ -5,30 +5,14 @@ compiled kernel's launcher itself (on CUDA only). ``tests/direct_launch_probe.py
 subprocess (compiled kernels need ``TRITON_INTERPRET`` unset) over a recording stand-in for Triton's CUDA driver.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_compiled_probe
 
 
 @pytest.fixture(scope="module")
 def probe() -> dict:
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "tests.direct_launch_probe"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout)
+    return run_compiled_probe("tests.direct_launch_probe")
 
 
 @pytest.mark.parametrize("case", ["flat", "strided", "tensor-noise", "philox-threshold"])

@@ -8,32 +8,17 @@ interpreter never sees: no mul+add contraction into FMA in the step (fp32 bit-ex
 it), and 128-bit global loads and stores in the common all-dense layout (the flat kernel's reason to exist).
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_compiled_probe
+
 TARGETS = ("sm_80", "sm_90")
 FLAT_KERNEL, STRIDED_KERNEL = "_ddim_step_flat_kernel", "_ddim_step_kernel"
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "tests.codegen_probe"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout)
+    return run_compiled_probe("tests.codegen_probe")
 
 
 def _step_cases(report: dict) -> dict:

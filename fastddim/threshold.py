@@ -21,22 +21,34 @@ monotone in the value (NaN patterns sort above +inf, as NaN does in ``torch.sort
 digit by digit, 7 + 8 + 8 + 8 bits from the top, each pass a 256-bin ``tl.histogram`` of the digit among the keys
 that share the digits found so far. The hi-th key (hi = lo + 1 unless w = 0) is the same key if it occurs often
 enough, else the smallest key above it: the next non-empty bin of the last pass, or the smallest key whose top 24
-bits exceed the prefix (a min-reduction folded into the last pass). Rows up to ``REGISTER_ROW_LIMIT`` elements are
-loaded once and kept in registers; longer rows are re-read in ``CHUNK_SIZE`` chunks in each of the four passes.
+bits exceed the prefix (a min-reduction folded into the last pass). A program's span of up to
+``REGISTER_ROW_LIMIT`` elements is loaded once and kept in registers; longer spans are re-read in ``CHUNK_SIZE``
+chunks in each of the four passes.
+
+Several programs per row: the passes are instruction-bound (``tl.histogram`` costs tens of instructions per key), so
+one program per row would leave all but B SMs idle. When B is below the SM count, each row is split into C spans,
+one program each, launched cooperatively (all resident, one per SM). After each pass every program atomically adds
+its histogram (and NaN count, and min above) into a per-row scratch buffer and waits at a barrier among the row's
+programs; all then read the same row-wide histogram and take the same digit, so the result does not depend on C.
+The scratch is kept per (device, stream, B, C) and left as found: a pass's histogram is zero-filled once every
+program has read it (after the next barrier; the last pass's at the start of the next launch), and the barrier
+counter counts generations instead of being reset.
 """
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import triton
 
-from fastddim.kernels.threshold import _dynamic_threshold_scale_kernel
+from fastddim.kernels.threshold import _SCRATCH_STRIDE, _dynamic_threshold_scale_kernel
 from fastddim.ops import PREDICTION_TYPES, _coalesce_layout
 
 # Rows up to this many elements stay in registers (16 warps x 32 keys per thread); longer rows are streamed.
 REGISTER_ROW_LIMIT = 16384
+SCRATCH_STRIDE = _SCRATCH_STRIDE.value
 # Elements per iteration of the streamed path for dense rows, and for strided rows, whose int64 div/mod address
 # arithmetic needs more registers (8192 spills there at 16 warps on sm_90).
 CHUNK_SIZE = 8192
@@ -64,17 +76,84 @@ def quantile_rank(row_numel: int, ratio: float, dtype: torch.dtype = torch.float
     return lo, float(rank - real(lo))
 
 
-def _threshold_launch_config(row_numel: int, dense_row: bool) -> tuple[int, int, bool]:
-    """(BLOCK_SIZE, num_warps, SINGLE_BLOCK) for one program per row; no autotune (graph capture forbids it)."""
-    if row_numel > REGISTER_ROW_LIMIT:
-        block_size, single_block = CHUNK_SIZE if dense_row else STRIDED_CHUNK_SIZE, False
+# A row is split among several programs only where each gets at least this many elements: below it, the four
+# barriers cost more than the histogram work they share.
+MIN_PROGRAM_SPAN = 1024
+# Spans are multiples of this (or of the chunk size), so every program's first element is 16-byte aligned.
+SPAN_ALIGN = 64
+# Launches with this many programs per row or more share histograms through scratch (tests lower it to 1 to run the
+# shared-histogram protocol in the interpreter, which runs one program at a time and so can only run C = 1).
+MIN_PROGRAMS_FOR_SHARED_HISTOGRAM = 2
+
+
+class _LaunchConfig(NamedTuple):
+    programs_per_row: int
+    program_span: int
+    block_size: int
+    num_warps: int
+    single_block: bool
+    shared_histogram: bool
+
+
+_multiprocessor_counts: dict[torch.device, int] = {}
+
+
+def _max_resident_programs(device: torch.device) -> int:
+    """Programs a cooperative launch can hold with one program per SM (1 off CUDA: the interpreter runs them in turn)."""
+    if device.type != "cuda":
+        return 1
+    count = _multiprocessor_counts.get(device)
+    if count is None:
+        count = _multiprocessor_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return count
+
+
+def _threshold_launch_config(row_numel: int, dense_row: bool, batch: int = 1, max_programs: int = 1) -> _LaunchConfig:
+    """Grid split and block shape for a row of ``row_numel`` elements; no autotune (graph capture forbids it).
+
+    Up to ``max_programs`` programs in all, one per SM: a batch smaller than the SM count splits each row into C
+    spans so the radix passes run on C SMs and meet at a barrier, instead of leaving all but B SMs idle.
+    """
+    chunk_size = CHUNK_SIZE if dense_row else STRIDED_CHUNK_SIZE
+    programs_per_row = max(1, min(max_programs // max(batch, 1), row_numel // MIN_PROGRAM_SPAN))
+    program_span = row_numel
+    if programs_per_row > 1:
+        # A program's time follows its block, not its span: round spans up to whole blocks (fewer programs, same
+        # time), which also keeps every span's first element aligned for vector loads.
+        program_span = triton.cdiv(row_numel, programs_per_row)
+        if program_span <= REGISTER_ROW_LIMIT:
+            program_span = max(triton.next_power_of_2(program_span), SPAN_ALIGN)
+        else:
+            program_span = triton.cdiv(program_span, chunk_size) * chunk_size
+        programs_per_row = triton.cdiv(row_numel, program_span)
+    if program_span > REGISTER_ROW_LIMIT:
+        block_size, single_block = chunk_size, False
     else:
-        block_size, single_block = triton.next_power_of_2(row_numel), True
+        block_size, single_block = triton.next_power_of_2(program_span), True
     block_size = max(block_size, 32)
-    # One program per row runs alone on its SM: up to 16 warps for memory-level parallelism, but at least one
-    # element per thread, so that no warp holds a replica of another's elements when tl.histogram counts them.
+    # One program per SM: up to 16 warps for memory-level parallelism, but at least one element per thread, so
+    # that no warp holds a replica of another's elements when tl.histogram counts them.
     num_warps = min(4 if block_size <= 1024 else 8 if block_size <= 2048 else 16, block_size // 32)
-    return block_size, num_warps, single_block
+    shared_histogram = programs_per_row >= MIN_PROGRAMS_FOR_SHARED_HISTOGRAM
+    return _LaunchConfig(programs_per_row, program_span, block_size, num_warps, single_block, shared_histogram)
+
+
+# Shared-histogram scratch per (device, stream, batch, programs per row). The kernel leaves it zero-filled (each
+# pass's histogram is cleared once read) and its barrier counters consistent, so one zero-fill at creation serves
+# every later launch and graph replay; launches on one stream are ordered, and other streams get their own.
+_scratch_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _histogram_scratch(device: torch.device, batch: int, programs_per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(histograms int32 [B, 4, 512], barrier counters int64 [B]) for a shared-histogram launch."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, batch, programs_per_row)
+    scratch = _scratch_buffers.get(key)
+    if scratch is None:
+        histograms = torch.zeros(batch, 4, SCRATCH_STRIDE, dtype=torch.int32, device=device)
+        barriers = torch.zeros(batch, dtype=torch.int64, device=device)
+        scratch = _scratch_buffers[key] = (histograms, barriers)
+    return scratch
 
 
 def _inner_layout(tensor: torch.Tensor) -> list[tuple[int, int]]:
@@ -122,7 +201,9 @@ def launch_dynamic_threshold_scale(
     """Per-sample dynamic-thresholding scale s from the step's inputs, on a CUDA (or interpreted CPU) device.
 
     Bit-identical to ``dynamic_threshold_scale_ref`` applied to x_0 as the fused step kernel computes it (fp32, from
-    inputs upcast to fp32). One program per batch row; no host sync, so it can be captured in a CUDA graph.
+    inputs upcast to fp32). One program per batch row, or, for batches smaller than the SM count (and not under
+    torch.compile), C programs per row that share their histograms (see the module docstring); no host sync, so it
+    can be captured in a CUDA graph.
 
     Args:
         model_output (`torch.Tensor`): the denoiser output, rank >= 1 with the batch first, fp16/bf16/fp32.
@@ -155,22 +236,37 @@ def launch_dynamic_threshold_scale(
     dense_row, sizes, stride_mo, stride_s = layout
 
     rank_lo, rank_weight = quantile_rank(row_numel, ratio)
-    block_size, num_warps, single_block = _threshold_launch_config(row_numel, dense_row)
+    # The traced launch (torch.compile) keeps one program per row: the shared-histogram scratch is state kept across
+    # launches, which a functional graph cannot hold.
+    max_programs = 1 if traceable else _max_resident_programs(sample.device)
+    config = _threshold_launch_config(row_numel, dense_row, batch, max_programs)
+    if config.shared_histogram:
+        histograms, barriers = _histogram_scratch(sample.device, batch, config.programs_per_row)
+        # All programs of a row must be resident at once for the barrier: a cooperative launch guarantees it, or
+        # fails outright rather than hang.
+        launch_options = {"launch_cooperative_grid": True}
+    else:
+        histograms = barriers = scale  # placeholders, never read
+        launch_options = {}
     placeholder = coef_table
     # See fastddim.ops.launch_ddim_step: wrap_triton only where torch.compile traces the launch.
     kernel = (
         torch.library.wrap_triton(_dynamic_threshold_scale_kernel) if traceable else _dynamic_threshold_scale_kernel
     )
     with torch.cuda.device(sample.device) if sample.is_cuda else contextlib.nullcontext():
-        kernel[(batch,)](
+        kernel[(batch, config.programs_per_row)](
             model_output,
             sample,
             coef_table,
             timestep_tensor if timestep_tensor is not None else placeholder,
             scale,
+            histograms,
+            barriers,
             timestep,
             coef_table.shape[0],
             row_numel,
+            config.programs_per_row,
+            config.program_span,
             rank_lo,
             rank_weight,
             sample_max_value,
@@ -183,10 +279,12 @@ def launch_dynamic_threshold_scale(
             DENSE_ROW=dense_row,
             TIMESTEP_FROM_PTR=timestep_tensor is not None,
             DIVIDE_BY_RECIPROCAL=sample.is_cuda,
-            SINGLE_BLOCK=single_block,
-            BLOCK_SIZE=block_size,
-            num_warps=num_warps,
+            SHARED_HISTOGRAM=config.shared_histogram,
+            SINGLE_BLOCK=config.single_block,
+            BLOCK_SIZE=config.block_size,
+            num_warps=config.num_warps,
             enable_fp_fusion=False,
+            **launch_options,
         )
     return scale
 

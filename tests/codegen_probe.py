@@ -102,10 +102,14 @@ def _threshold_cases() -> dict:
     small = torch.randn(4, 3, 32, 32, generator=generator).to(torch.float16)  # rows in registers
     large = torch.randn(2, 3, 128, 128, generator=generator)  # rows streamed in chunks
     args = (table, torch.tensor(981), 0, 0, 0.995, 1.5)
+    huge = torch.randn(1, 4, 1024, 1024, generator=generator)  # split over 132 SMs: 32768-element streamed spans
     return {
         "threshold-registers": ((small, small, *args), {}),
         "threshold-streamed": ((large, large, *args), {}),
         "threshold-streamed-strided": ((large, large[:, :, ::1, :].transpose(2, 3), *args), {}),
+        # As launched on an H100 (132 SMs): rows split over programs that share histograms.
+        "threshold-split-registers": ((small, small, *args), {"split": True}),
+        "threshold-split-streamed": ((huge, huge, *args), {"split": True}),
     }
 
 
@@ -173,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     launches = {}
     for name, (args, expected) in _step_cases().items():
         launches[name] = (_capture("step", ops, ("_ddim_step_kernel", "_ddim_step_flat_kernel"), args), expected)
+    resident_programs = threshold._max_resident_programs
     for name, (args, expected) in _threshold_cases().items():
+        threshold._max_resident_programs = (lambda device: 132) if expected.get("split") else resident_programs
         launches[name] = (_capture("threshold", threshold, ("_dynamic_threshold_scale_kernel",), args), expected)
+    threshold._max_resident_programs = resident_programs
 
     if options.report:
         driver.set_active(CompileOnlyDriver(TARGETS[options.report]))
@@ -193,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             ((kernel, grid, args, kwargs),) = captured
             compiled = kernel.warmup(*args, grid=grid, **dict(kwargs, DIVIDE_BY_RECIPROCAL=True))
             entry = report.setdefault(name, {"kernel": kernel.__name__, **expected, "targets": {}})
+            if entry["kernel"] == "_dynamic_threshold_scale_kernel":
+                entry["shared_histogram"] = bool(kwargs["SHARED_HISTOGRAM"])
+                entry["cooperative"] = bool(compiled.metadata.launch_cooperative_grid)
             entry["targets"][target_name] = _ptx_properties(compiled.asm["ptx"])
     print(json.dumps(report))
     return 0

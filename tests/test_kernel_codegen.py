@@ -1,4 +1,4 @@
-"""The kernels' GPU code, checked without a GPU: 15 variants (every dtype, layout path, noise mode and threshold
+"""The kernels' GPU code, checked without a GPU: 17 variants (every dtype, layout path, noise mode and threshold
 path) compile for A100 (sm_80) and H100 (sm_90), and the PTX has the properties the design relies on.
 ``tests/codegen_probe.py`` compiles through the real launchers in a subprocess (compilation needs
 ``TRITON_INTERPRET`` unset, which this process has set when CUDA is absent).
@@ -46,6 +46,15 @@ def test_step_has_no_fma_contraction(report):
             continue
         for target, ptx in entry["targets"].items():
             assert ptx["fma"] == 0, (name, target)
+
+
+def test_threshold_kernel_splits_rows_where_the_launch_would(report):
+    """The split variants compile with the shared-histogram barrier and as cooperative launches."""
+    split = {name: entry for name, entry in report.items() if entry.get("split")}
+    assert len(split) == 2
+    for name, entry in split.items():
+        assert entry["shared_histogram"] and entry["cooperative"], name
+    assert not any(e.get("shared_histogram") for e in report.values() if not e.get("split"))
 
 
 def test_threshold_kernel_fmas_are_only_the_interpolation(report):

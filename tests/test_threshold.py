@@ -14,7 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastddim import ops, threshold
-from fastddim.threshold import dynamic_threshold_scale, dynamic_threshold_scale_ref, quantile_rank
+from fastddim.threshold import (
+    dynamic_threshold_scale,
+    dynamic_threshold_scale_ref,
+    launch_dynamic_threshold_scale,
+    quantile_rank,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TIMESTEP = 981
@@ -47,9 +52,10 @@ def _pred_original(model_output, sample, table, prediction_type, timestep=TIMEST
 
 
 def _scale(model_output, sample, table, prediction_type=EPSILON, ratio=0.995, sample_max_value=BIG, **kwargs):
+    """The scale by the eager launcher, as the scheduler's step calls it (the registered op is tested apart)."""
     timestep_tensor = kwargs.get("timestep_tensor")
     timestep = kwargs.get("timestep", TIMESTEP)
-    return dynamic_threshold_scale(
+    return launch_dynamic_threshold_scale(
         model_output,
         sample,
         table.to(model_output.device),
@@ -58,6 +64,7 @@ def _scale(model_output, sample, table, prediction_type=EPSILON, ratio=0.995, sa
         prediction_type,
         ratio,
         sample_max_value,
+        traceable=False,
     )
 
 
@@ -307,8 +314,73 @@ def test_streamed_rows(table, monkeypatch, case):
         ratio = 1.0
     elif case == "sample":
         prediction_type = SAMPLE
-    assert not threshold._threshold_launch_config(189, True)[2]
+    assert not threshold._threshold_launch_config(189, True).single_block
     _check(model_output, sample, table, prediction_type, ratio)
+
+
+@interpreter
+@pytest.mark.parametrize("streamed", [False, True], ids=["registers", "streamed"])
+@pytest.mark.parametrize("case", ["dense", "strided", "ties", "nan", "ratio_one", "inf"])
+def test_shared_histogram_protocol(table, monkeypatch, streamed, case):
+    # The interpreter runs one program at a time, so a row's programs cannot meet at a barrier there; with the
+    # threshold lowered to C = 1 the kernel still runs the whole protocol: atomics into scratch, the barrier, the
+    # row-wide histogram read back, the scratch cleared behind. Several launches on one scratch check that each
+    # leaves it as it found it (a stale histogram or counter would change the next result).
+    monkeypatch.setattr(threshold, "MIN_PROGRAMS_FOR_SHARED_HISTOGRAM", 1)
+    monkeypatch.setattr(threshold, "_scratch_buffers", {})
+    if streamed:
+        monkeypatch.setattr(threshold, "REGISTER_ROW_LIMIT", 100)
+        monkeypatch.setattr(threshold, "CHUNK_SIZE", 64)
+        monkeypatch.setattr(threshold, "STRIDED_CHUNK_SIZE", 32)
+    assert threshold._threshold_launch_config(189, True).shared_histogram
+    for seed in (31, 37, 41):
+        model_output, sample = _inputs((3, 3, 7, 9), seed=seed)
+        prediction_type, ratio = EPSILON, 0.995
+        if case == "strided":
+            model_output = _channels_last(model_output)
+        elif case == "ties":
+            model_output = model_output.round().clamp(-2, 2)
+            prediction_type, ratio = SAMPLE, 0.9
+        elif case == "nan":
+            model_output[seed % 3, 2, 6, 8] = float("nan")
+        elif case == "ratio_one":
+            ratio = 1.0
+        elif case == "inf":
+            # The last pass's "smallest key above" slot: inf is the hi-th value of the top rank.
+            model_output[seed % 3, 0, 0, 0] = float("inf")
+            prediction_type, ratio = SAMPLE, 1 - 1 / 188
+        _check(model_output, sample, table, prediction_type, ratio)
+    ((histograms, barriers),) = threshold._scratch_buffers.values()
+    # Passes 0-2 are cleared within the launch; the last pass's histogram waits for the next launch to clear it.
+    assert not histograms[:, :3].any(), "a launch left a histogram behind"
+    assert histograms[:, 3].any()
+    assert torch.equal(barriers.cpu(), torch.full((3,), 3 * 4, dtype=torch.int64)), "four barriers per launch"
+
+
+def test_launch_config_splits_rows_over_the_sms():
+    # B rows on an SM count of 132: C programs per row, C * B <= 132, spans of at least MIN_PROGRAM_SPAN elements
+    # aligned for vector loads, covering the row exactly.
+    for batch, row_numel in [(1, 16384), (16, 12288), (4, 196608), (2, 3 * 256 * 256), (200, 12288), (1, 1500)]:
+        config = threshold._threshold_launch_config(row_numel, True, batch, 132)
+        assert config.programs_per_row * batch <= max(132, batch)
+        assert (
+            (config.programs_per_row - 1) * config.program_span
+            < row_numel
+            <= (config.programs_per_row * config.program_span)
+        )
+        assert config.shared_histogram == (config.programs_per_row > 1)
+        if config.shared_histogram:
+            assert config.program_span % threshold.SPAN_ALIGN == 0
+            assert config.program_span >= threshold.MIN_PROGRAM_SPAN
+            assert config.program_span <= config.block_size or config.program_span % config.block_size == 0
+    # Spans are whole blocks: 12288 / 8 -> blocks of 2048, so 6 programs do what 8 would in the same time.
+    assert threshold._threshold_launch_config(12288, True, 16, 132)[:2] == (6, 2048)
+    assert threshold._threshold_launch_config(12288, True, 200, 132).programs_per_row == 1
+    assert threshold._threshold_launch_config(196608, True, 4, 132)[:2] == (24, 8192)
+    # Spans past the register limit are whole streamed chunks.
+    assert threshold._threshold_launch_config(2**22, True, 1, 132)[:3] == (128, 32768, threshold.CHUNK_SIZE)
+    # Off CUDA (the interpreter) there is one program per row.
+    assert threshold._max_resident_programs(torch.device("cpu")) == 1
 
 
 @interpreter
@@ -447,13 +519,43 @@ def test_gpu_channels_last_and_v_prediction(table):
 
 
 @gpu
-def test_gpu_cuda_graph_capture(table):
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 4, 64, 64), (16, 3, 64, 64), (4, 3, 256, 256), (1, 4, 1024, 1024), (3, 2, 37, 41)],
+    ids=str,
+)
+def test_gpu_rows_split_over_programs(table, shape):
+    # Rows split into C programs that meet at barriers: register spans, streamed spans (2^22 elements: 32768 per
+    # program), a partial last span. Each case runs several launches on one scratch, with ties, a NaN row, an inf
+    # and a strided layout, so a race, a stale histogram or a counter out of step shows as a wrong bit.
+    config = threshold._threshold_launch_config(
+        torch.Size(shape[1:]).numel(), True, shape[0], threshold._max_resident_programs(torch.device(DEVICE))
+    )
+    assert config.shared_histogram
+    for seed in (43, 47):
+        model_output, sample = _inputs(shape, torch.float16, seed=seed)
+        _check(model_output, sample, table, EPSILON, 0.995)
+        _check(_channels_last(model_output), sample, table, V_PREDICTION, 0.9)
+        _check(_strided_slice(model_output), _strided_slice(sample), table, EPSILON, 0.9)
+        ties = model_output.round().clamp(-2, 2)
+        ties[0].view(-1)[seed] = float("inf")
+        _check(ties, sample, table, SAMPLE, 1 - 1 / torch.Size(shape[1:]).numel())
+        ties[-1].view(-1)[-1] = float("nan")
+        _check(ties, sample, table, SAMPLE, 0.5)
+
+
+@gpu
+@pytest.mark.parametrize("launcher", ["registered_op", "eager"])
+def test_gpu_cuda_graph_capture(table, launcher):
+    # (2, 3, 64, 64): the eager launcher splits each row over 12 programs, a cooperative launch inside the graph.
     model_output, sample = _inputs((2, 3, 64, 64), torch.float16, seed=19)
     device_table = table.to(DEVICE)
     timestep = torch.tensor(TIMESTEP, device=DEVICE)
+    traceable = {"registered_op": True, "eager": False}[launcher]
 
     def run() -> torch.Tensor:
-        return dynamic_threshold_scale(model_output, sample, device_table, timestep, 0, EPSILON, 0.995, 1.5)
+        args = (model_output, sample, device_table, timestep, 0, EPSILON, 0.995, 1.5)
+        return dynamic_threshold_scale(*args) if traceable else launch_dynamic_threshold_scale(*args, traceable=False)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

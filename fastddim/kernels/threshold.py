@@ -17,6 +17,11 @@ from fastddim.kernels.ddim_step import (
 _KEY_INF = tl.constexpr(0x7F800000)  # bits of +inf; keys above it are NaN
 _KEY_MAX = tl.constexpr(0x7FFFFFFF)  # "no key" sentinel of the min-reductions
 _NUM_BINS = tl.constexpr(256)
+# Shared-histogram scratch, per row and radix pass: the 256 bins, the NaN count (pass 0) and KEY_MAX minus the
+# smallest key above the last pass's bin (pass 3), so that a zero-filled buffer means "nothing seen" in every slot.
+_SCRATCH_STRIDE = tl.constexpr(512)
+_NAN_SLOT = tl.constexpr(256)
+_ABOVE_SLOT = tl.constexpr(257)
 
 
 @triton.jit
@@ -84,6 +89,32 @@ def _radix_pass_block(
     return histogram, nan_count, above_min
 
 
+@triton.jit
+def _row_barrier(barrier_ptr, programs_per_row):
+    """Waits until every program of this row has arrived: a grid barrier among the row's programs.
+
+    The int64 counter is never reset: each barrier adds exactly ``programs_per_row`` arrivals, so the arrival count
+    divided by ``programs_per_row`` is the barrier's generation, across passes and across launches. The launch is
+    cooperative, so all programs are resident and spinning cannot starve a program that has not started.
+    """
+    # Every thread's histogram atomics are issued before this program's release (the CUDA grid-sync pattern).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(barrier_ptr, 1, sem="acq_rel", scope="gpu")
+    target = (arrived // programs_per_row + 1) * programs_per_row
+    current = arrived + 1
+    while current < target:
+        current = tl.atomic_add(barrier_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _zero_scratch(pass_ptr, slots, is_first_program):
+    """Zero-fills one pass's shared histogram, by the row's first program only (the others may still read it)."""
+    # (A compare, not `& is_first_program`: Triton's interpreter turns a bool vector & a program_id test into int32.)
+    in_range = slots < tl.where(is_first_program, _SCRATCH_STRIDE, 0)
+    tl.store(pass_ptr + slots, tl.zeros([_SCRATCH_STRIDE], tl.int32), mask=in_range)
+
+
 @triton.jit(do_not_specialize=["rank_lo"])
 def _dynamic_threshold_scale_kernel(
     # Pointers to tensors
@@ -92,10 +123,14 @@ def _dynamic_threshold_scale_kernel(
     coef_table_ptr,  # [num_train_timesteps, NUM_COEFS] fp32
     timestep_ptr,  # int64 scalar when TIMESTEP_FROM_PTR
     scale_ptr,  # fp32 [B] output s
+    scratch_ptr,  # int32 [B, 4, _SCRATCH_STRIDE] shared histograms, zero-filled (only read when SHARED_HISTOGRAM)
+    barrier_ptr,  # int64 [B] barrier arrival counters (only read when SHARED_HISTOGRAM)
     # Scalars
     timestep,
     num_train_timesteps,
     row_numel,  # n = D1 * D2 * D3
+    programs_per_row,  # C: the row is split into C spans of program_span elements
+    program_span,
     rank_lo,  # floor(r), r = fp32(ratio) * fp32(n - 1), computed on the host
     rank_weight,  # r - floor(r), an fp32 value
     sample_max_value,
@@ -118,14 +153,19 @@ def _dynamic_threshold_scale_kernel(
     TIMESTEP_FROM_PTR: tl.constexpr,
     # Divide by a coefficient as PyTorch divides a tensor by a CPU scalar on this device (see ddim_step.py).
     DIVIDE_BY_RECIPROCAL: tl.constexpr,
-    # The whole row fits in one block: load it once and run every pass on registers.
+    # C > 1 programs per row add their histograms into scratch and meet at a barrier after each pass.
+    SHARED_HISTOGRAM: tl.constexpr,
+    # The program's span fits in one block: load it once and run every pass on registers.
     SINGLE_BLOCK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     # int64 so batches past 2^31 elements index correctly.
     row = tl.program_id(0).to(tl.int64)
+    program = tl.program_id(1)
     model_output_row_ptr = model_output_ptr + row * stride_mo0
     sample_row_ptr = sample_ptr + row * stride_s0
+    span_start = program.to(tl.int64) * program_span
+    span_end = tl.minimum(span_start + program_span, row_numel)
 
     # For SAMPLE, x_0 = model_output ignores the coefficients (and an out-of-range timestep), as in the step kernel.
     coef_row_ptr, row_valid = _coefficient_row(
@@ -134,12 +174,13 @@ def _dynamic_threshold_scale_kernel(
 
     offsets = tl.arange(0, BLOCK_SIZE).to(tl.int64)  # [BLOCK_SIZE]
     if SINGLE_BLOCK:
-        in_row = offsets < row_numel
-        row_keys = _row_keys(
+        span_idx = span_start + offsets
+        in_span = span_idx < span_end
+        span_keys = _row_keys(
             model_output_row_ptr,
             sample_row_ptr,
-            offsets,
-            in_row,
+            span_idx,
+            in_span,
             coef_row_ptr,
             row_valid,
             size1,
@@ -157,6 +198,9 @@ def _dynamic_threshold_scale_kernel(
         )
 
     bins = tl.arange(0, _NUM_BINS)  # [256]
+    slots = tl.arange(0, _SCRATCH_STRIDE)
+    scratch_row_ptr = scratch_ptr + row * (4 * _SCRATCH_STRIDE)
+    is_first_program = program == 0
     prefix = tl.full((), 0, tl.int32)
     # Rank of the wanted key among the keys that share `prefix`.
     rank = tl.full((), 0, tl.int32) + rank_lo
@@ -164,15 +208,23 @@ def _dynamic_threshold_scale_kernel(
     above_min = tl.full((), _KEY_MAX, tl.int32)
     for radix_pass in tl.static_range(4):
         shift = 24 - 8 * radix_pass
+        pass_ptr = scratch_row_ptr + radix_pass * _SCRATCH_STRIDE
+        if SHARED_HISTOGRAM:
+            # Pass q's histogram is free once every program has read it, i.e. after barrier q + 1; the one of the
+            # last pass is cleared by the next launch, before its own barrier 2.
+            if radix_pass == 0:
+                _zero_scratch(scratch_row_ptr + 3 * _SCRATCH_STRIDE, slots, is_first_program)
+            if radix_pass >= 2:
+                _zero_scratch(scratch_row_ptr + (radix_pass - 2) * _SCRATCH_STRIDE, slots, is_first_program)
         histogram = tl.zeros([_NUM_BINS], tl.int32)
         if SINGLE_BLOCK:
             histogram, nan_count, above_min = _radix_pass_block(
-                row_keys, in_row, prefix, histogram, nan_count, above_min, shift
+                span_keys, in_span, prefix, histogram, nan_count, above_min, shift
             )
         else:
-            for start in range(0, row_numel, BLOCK_SIZE):
-                idx = start + offsets
-                valid = idx < row_numel
+            for block_start in range(span_start, span_end, BLOCK_SIZE):
+                idx = block_start + offsets
+                valid = idx < span_end
                 keys = _row_keys(
                     model_output_row_ptr,
                     sample_row_ptr,
@@ -196,11 +248,29 @@ def _dynamic_threshold_scale_kernel(
                 histogram, nan_count, above_min = _radix_pass_block(
                     keys, valid, prefix, histogram, nan_count, above_min, shift
                 )
+        if SHARED_HISTOGRAM:
+            # Sum the programs' histograms (and the NaN count, the min above) through scratch: after the barrier
+            # every program reads the same row-wide figures, so all take the same digit below.
+            tl.atomic_add(pass_ptr + bins, histogram, mask=histogram > 0, sem="relaxed", scope="gpu")
+            if radix_pass == 0:
+                tl.atomic_add(pass_ptr + _NAN_SLOT, nan_count, mask=nan_count > 0, sem="relaxed", scope="gpu")
+            if radix_pass == 3:
+                key_max = tl.full((), _KEY_MAX, tl.int32)
+                tl.atomic_max(pass_ptr + _ABOVE_SLOT, key_max - above_min, sem="relaxed", scope="gpu")
+            _row_barrier(barrier_ptr + row, programs_per_row)
+            # .cg reads at L2, where the atomics landed, past this SM's L1.
+            histogram = tl.load(pass_ptr + bins, cache_modifier=".cg")
+            if radix_pass == 0:
+                nan_count = tl.load(pass_ptr + _NAN_SLOT, cache_modifier=".cg")
+            if radix_pass == 3:
+                above_min = key_max - tl.load(pass_ptr + _ABOVE_SLOT, cache_modifier=".cg")
         # The wanted digit is the first bin whose inclusive cumulative count exceeds the rank.
         cumulative = tl.cumsum(histogram, axis=0)
         digit = tl.sum((cumulative <= rank).to(tl.int32), axis=0)
         rank -= tl.sum(tl.where(bins < digit, histogram, 0), axis=0)
         prefix = prefix | (digit << shift)
+    if SHARED_HISTOGRAM:
+        _zero_scratch(scratch_row_ptr + 2 * _SCRATCH_STRIDE, slots, is_first_program)
 
     key_lo = prefix
     # The hi-th key equals key_lo while copies of it remain, else it is the smallest key above key_lo.
@@ -224,4 +294,4 @@ def _dynamic_threshold_scale_kernel(
     # torch.clamp(s, min=1, max=sample_max_value): max wins when min > max; NaN propagates.
     scale = tl.maximum(quantile, 1.0, propagate_nan=tl.PropagateNan.ALL)
     scale = tl.minimum(scale, sample_max_value, propagate_nan=tl.PropagateNan.ALL)
-    tl.store(scale_ptr + row, scale)
+    tl.store(scale_ptr + row, scale, mask=is_first_program)

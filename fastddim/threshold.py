@@ -76,9 +76,9 @@ def quantile_rank(row_numel: int, ratio: float, dtype: torch.dtype = torch.float
     return lo, float(rank - real(lo))
 
 
-# A row is split among several programs only where each gets at least this many elements: below it, the four
-# barriers cost more than the histogram work they share.
-MIN_PROGRAM_SPAN = 1024
+# The fewest elements a program of a split row gets. Measured on an H100 (bench/tools/threshold_split_sweep.py):
+# the scale of a 1x4x64x64 row took 10.4 us with 64 programs of 256, 12.8 us with 16 of 1024, 35 us with one.
+MIN_PROGRAM_SPAN = 256
 # Spans are multiples of this (or of the chunk size), so every program's first element is 16-byte aligned.
 SPAN_ALIGN = 64
 # Launches with this many programs per row or more share histograms through scratch (tests lower it to 1 to run the

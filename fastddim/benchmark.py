@@ -746,6 +746,7 @@ def _raise_dynamo_limits() -> None:
 
 def _prepare_compile(inputs: StepInputs) -> Prepared:
     import torch._dynamo
+    import torch._inductor.config
 
     torch._dynamo.reset()
     _raise_dynamo_limits()
@@ -769,7 +770,12 @@ def _prepare_compile(inputs: StepInputs) -> Prepared:
 
     sync(inputs.device)
     start = time.perf_counter()
-    fn()
+    # Inductor's own static CUDA launcher failed every launch of this step's kernel ("CUDA driver error: invalid
+    # argument") on the H100 image (torch 2.11, Triton 3.6), with or without fastddim imported, while the UNet
+    # compiles launch fine; Triton's launcher is the documented fallback (pytorch/pytorch#152639). Kernels get their
+    # launcher when compiled, i.e. in this first call. (Not yet confirmed on a GPU.)
+    with torch._inductor.config.patch(use_static_cuda_launcher=False):
+        fn()
     sync(inputs.device)
     compile_s = time.perf_counter() - start
     return Prepared(

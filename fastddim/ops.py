@@ -161,10 +161,10 @@ def _constexpr_values(kernel: object, meta: dict) -> tuple | None:
 
 
 def _launcher_key(device_index: int, tensors: tuple[torch.Tensor, ...]) -> tuple:
-    """What Triton specializes a compiled step kernel on among the arguments that change from call to call.
+    """What Triton specializes a compiled kernel on among the arguments that change between calls with one plan.
 
     Triton specializes a tensor argument on its dtype and on whether its address is a multiple of 16 bytes, and an
-    integer on being 1 or a multiple of 16; the step kernels' per-call integers (timestep, num_train_timesteps) are
+    integer on being 1 or a multiple of 16; the kernels' per-call integers (timestep, num_train_timesteps) are
     ``do_not_specialize`` and everything else is fixed by the launch plan. Two launches with the same key therefore
     run the same compiled kernel (tests/direct_launch_probe.py checks this against Triton's own dispatch).
     """
@@ -174,6 +174,35 @@ def _launcher_key(device_index: int, tensors: tuple[torch.Tensor, ...]) -> tuple
 def _direct_launch_device(sample: torch.Tensor) -> int | None:
     """The CUDA device index to launch compiled kernels on directly, or None to go through Triton's dispatch."""
     return sample.device.index if sample.is_cuda else None
+
+
+def _launch_compiled(
+    kernel: triton.JITFunction,
+    grid: tuple[int, ...],
+    tensors: tuple[torch.Tensor, ...],
+    scalars: tuple,
+    meta: dict,
+    constexpr_values: tuple,
+    launchers: dict,
+    device_index: int,
+) -> None:
+    """Launches ``kernel(*tensors, *scalars, **meta)``, straight to the compiled kernel after its first launch.
+
+    Triton's dispatch (binding and specializing ~30 arguments, the cache lookup) costs more host time than the rest
+    of an eager step. After the first launch of a specialization, the compiled kernel's launcher is called directly
+    with the arguments that dispatch would pass it: ours, then the constexprs in signature order. The caller
+    guarantees what makes that sound: the kernel takes its tensors first, every integer that varies between calls
+    with one launch plan is ``do_not_specialize``, and ``launchers`` belongs to one launch plan (grid, scalars' types
+    and specializations, meta-parameters).
+    """
+    launcher_key = _launcher_key(device_index, tensors)
+    launcher = launchers.get(launcher_key)
+    if launcher is None:
+        compiled = kernel[grid](*tensors, *scalars, **meta)
+        if compiled is not None:
+            launchers[launcher_key] = compiled[(*grid, 1, 1)[:3]]
+    else:
+        launcher(*tensors, *scalars, *constexpr_values)
 
 
 _STEP_FLAG_NAMES = (
@@ -330,17 +359,16 @@ def launch_ddim_step(
         elif device_index is None:
             plan.kernel[plan.grid](*tensors, *scalars, **plan.meta)
         else:
-            # Triton's dispatch (binding and specializing ~30 arguments, the cache lookup) costs more host time than
-            # the rest of an eager step. After the first launch of a specialization, call the compiled kernel's
-            # launcher directly with the arguments that dispatch would pass it: ours, then the constexprs.
-            launcher_key = _launcher_key(device_index, tensors)
-            launcher = plan.launchers.get(launcher_key)
-            if launcher is None:
-                compiled = plan.kernel[plan.grid](*tensors, *scalars, **plan.meta)
-                if compiled is not None:
-                    plan.launchers[launcher_key] = compiled[(plan.grid[0], 1, 1)]
-            else:
-                launcher(*tensors, *scalars, *plan.constexpr_values)
+            _launch_compiled(
+                plan.kernel,
+                plan.grid,
+                tensors,
+                scalars,
+                plan.meta,
+                plan.constexpr_values,
+                plan.launchers,
+                device_index,
+            )
     return prev_sample, pred_original
 
 

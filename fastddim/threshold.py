@@ -43,8 +43,9 @@ import numpy as np
 import torch
 import triton
 
+from fastddim import ops
 from fastddim.kernels.threshold import _SCRATCH_STRIDE, _dynamic_threshold_scale_kernel
-from fastddim.ops import PREDICTION_TYPES, _coalesce_layout
+from fastddim.ops import PREDICTION_TYPES, _coalesce_layout, _constexpr_values
 
 # Rows up to this many elements stay in registers (16 warps x 32 keys per thread); longer rows are streamed.
 REGISTER_ROW_LIMIT = 16384
@@ -144,9 +145,17 @@ def _threshold_launch_config(row_numel: int, dense_row: bool, batch: int = 1, ma
 _scratch_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def _current_raw_stream(device_index: int) -> int:
+    """The current stream's handle on a CUDA device, as Inductor reads it (a Stream object costs ~8 us to build)."""
+    raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw_stream is None:  # not in CPU builds of torch, where no CUDA tensor reaches this
+        return torch.cuda.current_stream(device_index).cuda_stream
+    return raw_stream(device_index)
+
+
 def _histogram_scratch(device: torch.device, batch: int, programs_per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(histograms int32 [B, 4, 512], barrier counters int64 [B]) for a shared-histogram launch."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    stream = _current_raw_stream(device.index) if device.type == "cuda" else 0
     key = (device, stream, batch, programs_per_row)
     scratch = _scratch_buffers.get(key)
     if scratch is None:
@@ -156,35 +165,99 @@ def _histogram_scratch(device: torch.device, batch: int, programs_per_row: int) 
     return scratch
 
 
-def _inner_layout(tensor: torch.Tensor) -> list[tuple[int, int]]:
+def _inner_layout(shape: tuple[int, ...], strides: tuple[int, ...]) -> list[tuple[int, int]]:
     """(size, stride) of the non-trivial inner dims: equal lists mean identically laid out rows."""
-    return [(size, stride) for size, stride in zip(tensor.shape[1:], tensor.stride()[1:], strict=True) if size != 1]
+    return [(size, stride) for size, stride in zip(shape[1:], strides[1:], strict=True) if size != 1]
 
 
 def _row_layout(
-    model_output: torch.Tensor, sample: torch.Tensor
+    shape: tuple[int, ...], stride_mo: tuple[int, ...], stride_s: tuple[int, ...]
 ) -> tuple[bool, list[int], list[int], list[int]] | None:
     """(DENSE_ROW, sizes [B, D1, D2, D3], model_output strides, sample strides), or None if not expressible.
 
     Rows are dense when both tensors store each row as the same permutation of one block of consecutive slots
     (contiguous, channels_last, ...): a quantile ignores element order, so the kernel then reads each row linearly.
     """
-    batch = sample.shape[0]
-    inner = _inner_layout(sample)
+    batch = shape[0]
+    inner = _inner_layout(shape, stride_s)
     expected = 1
     for stride, size in sorted((stride, size) for size, stride in inner):
         if stride != expected:
             break
         expected *= size
     else:
-        if _inner_layout(model_output) == inner:
+        if _inner_layout(shape, stride_mo) == inner:
             row_numel = expected
-            return True, [batch, 1, 1, row_numel], [model_output.stride(0), 0, 0, 1], [sample.stride(0), 0, 0, 1]
-    layout = _coalesce_layout(tuple(sample.shape), [tuple(model_output.stride()), tuple(sample.stride())])
+            return True, [batch, 1, 1, row_numel], [stride_mo[0], 0, 0, 1], [stride_s[0], 0, 0, 1]
+    layout = _coalesce_layout(shape, [stride_mo, stride_s])
     if layout is None:
         return None
-    sizes, (stride_mo, stride_s) = layout
-    return False, sizes, stride_mo, stride_s
+    sizes, (coalesced_mo, coalesced_s) = layout
+    return False, sizes, coalesced_mo, coalesced_s
+
+
+class _ThresholdPlan(NamedTuple):
+    """How to launch the scale kernel for one signature: everything derived from shapes, strides and the ratio."""
+
+    make_contiguous: bool  # the rows are not expressible as [B, D1, D2, D3]: copy the inputs once first
+    config: _LaunchConfig
+    row_args: tuple  # (row_numel, programs_per_row, program_span, rank_lo, rank_weight)
+    layout_args: tuple[int, ...]  # (size1, size2, size3, *model_output strides, *sample strides)
+    meta: dict  # constexpr meta-parameters and launch options
+    constexpr_values: tuple | None  # in signature order, for direct launches; None when interpreted
+    launchers: dict  # compiled kernels' launchers by fastddim.ops._launcher_key
+
+
+_THRESHOLD_PLANS: dict[tuple, _ThresholdPlan] = {}
+_MAX_THRESHOLD_PLANS = 256
+
+
+def _plan_threshold(
+    shape: tuple[int, ...],
+    stride_mo: tuple[int, ...],
+    stride_s: tuple[int, ...],
+    prediction_type: int,
+    ratio: float,
+    timestep_from_ptr: bool,
+    is_cuda: bool,
+    max_programs: int,
+) -> _ThresholdPlan:
+    batch = shape[0]
+    row_numel = math.prod(shape) // batch
+    make_contiguous = False
+    layout = _row_layout(shape, stride_mo, stride_s)
+    if layout is None:
+        # More than three non-mergeable inner dims (e.g. a permuted 6-D tensor): copy once (rare).
+        make_contiguous = True
+        contiguous = tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
+        layout = _row_layout(shape, contiguous, contiguous)
+    dense_row, sizes, coalesced_mo, coalesced_s = layout
+    config = _threshold_launch_config(row_numel, dense_row, batch, max_programs)
+    rank_lo, rank_weight = quantile_rank(row_numel, ratio)
+    meta = {
+        "PREDICTION_TYPE": prediction_type,
+        "DENSE_ROW": dense_row,
+        "TIMESTEP_FROM_PTR": timestep_from_ptr,
+        "DIVIDE_BY_RECIPROCAL": is_cuda,
+        "SHARED_HISTOGRAM": config.shared_histogram,
+        "SINGLE_BLOCK": config.single_block,
+        "BLOCK_SIZE": config.block_size,
+        "num_warps": config.num_warps,
+        "enable_fp_fusion": False,
+    }
+    if config.shared_histogram:
+        # All programs of a row must be resident at once for the barrier: a cooperative launch guarantees it, or
+        # fails outright rather than hang.
+        meta["launch_cooperative_grid"] = True
+    return _ThresholdPlan(
+        make_contiguous,
+        config,
+        (row_numel, config.programs_per_row, config.program_span, rank_lo, float(rank_weight)),
+        (*sizes[1:], *coalesced_mo, *coalesced_s),
+        meta,
+        _constexpr_values(_dynamic_threshold_scale_kernel, meta),
+        {},
+    )
 
 
 def launch_dynamic_threshold_scale(
@@ -214,6 +287,9 @@ def launch_dynamic_threshold_scale(
         prediction_type (`int`): index into ``fastddim.ops.PREDICTION_TYPES``.
         ratio (`float`): the quantile of |x_0|, in (0, 1] (validated by the scheduler).
         sample_max_value (`float`): upper clamp of s, > 0 (validated by the scheduler).
+        traceable (`bool`): launch through ``torch.library.wrap_triton`` (what the registered op does, for
+            torch.compile), one program per row. ``False`` launches eagerly, through a cached launch plan and, on
+            CUDA, the compiled kernel's launcher (see ``fastddim.ops._launch_compiled``).
 
     Returns:
         `torch.Tensor`: fp32 [B] s per sample, clamp(quantile(|x_0|, ratio), 1, sample_max_value).
@@ -228,64 +304,56 @@ def launch_dynamic_threshold_scale(
     if PREDICTION_TYPES[prediction_type] == "sample":
         # x_0 = model_output: the layout of `sample` is irrelevant since it is never read.
         sample = model_output
-    layout = _row_layout(model_output, sample)
-    if layout is None:
-        # More than three non-mergeable inner dims (e.g. a permuted 6-D tensor): copy once (rare).
-        model_output, sample = model_output.contiguous(), sample.contiguous()
-        layout = _row_layout(model_output, sample)
-    dense_row, sizes, stride_mo, stride_s = layout
-
-    rank_lo, rank_weight = quantile_rank(row_numel, ratio)
+    shape, stride_mo, stride_s = tuple(sample.shape), model_output.stride(), sample.stride()
     # The traced launch (torch.compile) keeps one program per row: the shared-histogram scratch is state kept across
     # launches, which a functional graph cannot hold.
     max_programs = 1 if traceable else _max_resident_programs(sample.device)
-    config = _threshold_launch_config(row_numel, dense_row, batch, max_programs)
+    signature = (shape, stride_mo, stride_s, prediction_type, ratio, timestep_tensor is not None, sample.is_cuda)
+    key = None if traceable else (*signature, max_programs)
+    plan = None if key is None else _THRESHOLD_PLANS.get(key)
+    if plan is None:
+        # Traced launches plan every time, as in fastddim.ops.launch_ddim_step.
+        plan = _plan_threshold(*signature, max_programs)
+        if key is not None:
+            if len(_THRESHOLD_PLANS) >= _MAX_THRESHOLD_PLANS:
+                _THRESHOLD_PLANS.clear()
+            _THRESHOLD_PLANS[key] = plan
+    if plan.make_contiguous:
+        model_output, sample = model_output.contiguous(), sample.contiguous()
+
+    config = plan.config
     if config.shared_histogram:
         histograms, barriers = _histogram_scratch(sample.device, batch, config.programs_per_row)
-        # All programs of a row must be resident at once for the barrier: a cooperative launch guarantees it, or
-        # fails outright rather than hang.
-        launch_options = {"launch_cooperative_grid": True}
     else:
         histograms = barriers = scale  # placeholders, never read
-        launch_options = {}
-    placeholder = coef_table
-    # See fastddim.ops.launch_ddim_step: wrap_triton only where torch.compile traces the launch.
-    kernel = (
-        torch.library.wrap_triton(_dynamic_threshold_scale_kernel) if traceable else _dynamic_threshold_scale_kernel
+    tensors = (
+        model_output,
+        sample,
+        coef_table,
+        timestep_tensor if timestep_tensor is not None else coef_table,
+        scale,
+        histograms,
+        barriers,
     )
+    scalars = (timestep, coef_table.shape[0], *plan.row_args, float(sample_max_value), *plan.layout_args)
+    grid = (batch, config.programs_per_row)
+    device_index = None if traceable or plan.constexpr_values is None else ops._direct_launch_device(sample)
     with torch.cuda.device(sample.device) if sample.is_cuda else contextlib.nullcontext():
-        kernel[(batch, config.programs_per_row)](
-            model_output,
-            sample,
-            coef_table,
-            timestep_tensor if timestep_tensor is not None else placeholder,
-            scale,
-            histograms,
-            barriers,
-            timestep,
-            coef_table.shape[0],
-            row_numel,
-            config.programs_per_row,
-            config.program_span,
-            rank_lo,
-            rank_weight,
-            sample_max_value,
-            sizes[1],
-            sizes[2],
-            sizes[3],
-            *stride_mo,
-            *stride_s,
-            PREDICTION_TYPE=prediction_type,
-            DENSE_ROW=dense_row,
-            TIMESTEP_FROM_PTR=timestep_tensor is not None,
-            DIVIDE_BY_RECIPROCAL=sample.is_cuda,
-            SHARED_HISTOGRAM=config.shared_histogram,
-            SINGLE_BLOCK=config.single_block,
-            BLOCK_SIZE=config.block_size,
-            num_warps=config.num_warps,
-            enable_fp_fusion=False,
-            **launch_options,
-        )
+        if traceable:
+            torch.library.wrap_triton(_dynamic_threshold_scale_kernel)[grid](*tensors, *scalars, **plan.meta)
+        elif device_index is None:
+            _dynamic_threshold_scale_kernel[grid](*tensors, *scalars, **plan.meta)
+        else:
+            ops._launch_compiled(
+                _dynamic_threshold_scale_kernel,
+                grid,
+                tensors,
+                scalars,
+                plan.meta,
+                plan.constexpr_values,
+                plan.launchers,
+                device_index,
+            )
     return scale
 
 

@@ -1,7 +1,8 @@
-"""Checks, without a GPU, that fastddim's direct launch of compiled step kernels does what Triton's dispatch does.
+"""Checks, without a GPU, that fastddim's direct launch of compiled kernels does what Triton's dispatch does.
 
-``fastddim.ops.launch_ddim_step`` sends the first launch of each specialization through Triton's dispatch
-(``JITFunction.run``) and later ones straight to the compiled kernel's launcher. This probe replaces Triton's driver
+``fastddim.ops.launch_ddim_step`` and ``fastddim.threshold.launch_dynamic_threshold_scale`` send the first launch of
+each specialization through Triton's dispatch (``JITFunction.run``) and later ones straight to the compiled kernel's
+launcher (``fastddim.ops._launch_compiled``). This probe replaces Triton's driver
 with a recording one (the compiled kernel's launcher records its arguments instead of calling the CUDA driver) and
 lets CPU tensors stand in for CUDA ones, then checks:
 
@@ -106,6 +107,97 @@ def _convention(ops) -> dict:
     return results
 
 
+def _threshold_convention(threshold) -> dict:
+    """As ``_convention``, for the dynamic-thresholding scale kernel: one program per row, streamed rows, a timestep
+    given as an int, and rows split over programs (cooperative 2-D grid, shared-histogram scratch) as on an H100."""
+    generator = torch.Generator().manual_seed(1)
+    table = torch.zeros(1000, 8)
+    small = torch.randn(2, 3, 16, 16, generator=generator).to(torch.float16)
+    large = torch.randn(2, 3, 96, 96, generator=generator)
+    ts = torch.tensor(981)
+    cases = {
+        "threshold-registers": ((small, small, table, ts, 0, 0, 0.995, 1.5), 1),
+        "threshold-streamed": ((large, large, table, ts, 0, 2, 0.9, 1.5), 1),
+        "threshold-int-timestep": ((small, small, table, None, 981, 1, 0.995, 1.5), 1),
+        "threshold-split": ((large, large, table, ts, 0, 0, 0.995, 1.5), 132),
+    }
+    resident_programs = threshold._max_resident_programs
+    dispatches = []
+    run = triton.runtime.jit.JITFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        dispatches.append(self.__name__)
+        return run(self, *args, **kwargs)
+
+    triton.runtime.jit.JITFunction.run = counting_run
+    results = {}
+    try:
+        for name, (args, programs) in cases.items():
+            threshold._max_resident_programs = lambda device, programs=programs: programs
+            threshold._THRESHOLD_PLANS.clear()
+            RECORDED.clear()
+            dispatches.clear()
+            threshold.launch_dynamic_threshold_scale(*args, traceable=False)
+            threshold.launch_dynamic_threshold_scale(*args, traceable=False)
+            (plan,) = threshold._THRESHOLD_PLANS.values()
+            results[name] = {
+                "launches": len(RECORDED),
+                "dispatches": len(dispatches),
+                "same_arguments": len(RECORDED) == 2 and _normalize(RECORDED[0]) == _normalize(RECORDED[1]),
+                "grid": list(RECORDED[0][1][:3]) if RECORDED else None,
+                "cooperative": bool(plan.meta.get("launch_cooperative_grid")),
+                "direct_launchers": len(plan.launchers),
+            }
+    finally:
+        threshold._max_resident_programs = resident_programs
+        triton.runtime.jit.JITFunction.run = run
+    return results
+
+
+def _threshold_soundness(threshold) -> dict:
+    """Equal launcher keys must mean the same compiled scale kernel, as Triton's dispatch picks it."""
+    kernel = threshold._dynamic_threshold_scale_kernel
+    meta = dict(
+        PREDICTION_TYPE=0,
+        DENSE_ROW=True,
+        TIMESTEP_FROM_PTR=False,
+        DIVIDE_BY_RECIPROCAL=True,
+        SHARED_HISTOGRAM=True,
+        SINGLE_BLOCK=True,
+        BLOCK_SIZE=256,
+        num_warps=4,
+        enable_fp_fusion=False,
+        launch_cooperative_grid=True,
+    )
+    row_numel = 3 * 16 * 16
+    compiled_by_key: dict[tuple, set[int]] = {}
+    kernels = set()
+    variations = itertools.product(
+        (torch.float16, torch.bfloat16, torch.float32),  # input dtype
+        (0, 1, 8),  # element offset of the inputs: 16-byte aligned or not
+        (0, 1, 16, 981),  # int timestep (do_not_specialize)
+        (1000, 1024),  # num_train_timesteps (do_not_specialize)
+        (0, 1, 16, 763),  # rank_lo (do_not_specialize)
+    )
+    for dtype, offset, timestep, num_train_timesteps, rank_lo in variations:
+        buffer = torch.zeros(2 * row_numel + 16, dtype=dtype)
+        x = buffer[offset : offset + 2 * row_numel]
+        table = torch.zeros(num_train_timesteps, 8)
+        scale = torch.empty(2)
+        histograms, barriers = torch.zeros(2, 4, 512, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
+        tensors = (x, x, table, table, scale, histograms, barriers)
+        scalars = (timestep, num_train_timesteps, row_numel, 3, 256, rank_lo, 0.25, 1.5, 1, 1, row_numel)
+        strides = (row_numel, 0, 0, 1, row_numel, 0, 0, 1)
+        compiled = kernel.warmup(*tensors, *scalars, *strides, grid=(2, 3), **meta)
+        kernels.add(id(compiled))
+        compiled_by_key.setdefault(threshold.ops._launcher_key(0, tensors), set()).add(id(compiled))
+    return {
+        "keys": len(compiled_by_key),
+        "compiled_kernels": len(kernels),
+        "keys_with_several_kernels": sum(len(ids) > 1 for ids in compiled_by_key.values()),
+    }
+
+
 def _soundness(ops) -> dict:
     """Equal launcher keys must mean the same compiled kernel, as Triton's dispatch picks it."""
     kernel = ops._ddim_step_flat_kernel
@@ -155,8 +247,15 @@ def main() -> int:
     if ops.interpreting():
         print("unset TRITON_INTERPRET: interpreted kernels have no compiled launcher", file=sys.stderr)
         return 2
+    from fastddim import threshold
+
     ops._direct_launch_device = lambda sample: 0  # CPU tensors stand in for CUDA ones
-    print(json.dumps({"convention": _convention(ops), "soundness": _soundness(ops)}))
+    report = {
+        "convention": {**_convention(ops), **_threshold_convention(threshold)},
+        "soundness": _soundness(ops),
+        "threshold_soundness": _threshold_soundness(threshold),
+    }
+    print(json.dumps(report))
     return 0
 
 

@@ -1,6 +1,7 @@
 """CPU tests of the benchmark harness (``fastddim.benchmark``) and the CI helpers (``fastddim.testing``)."""
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -111,7 +112,6 @@ def test_graph_compiled_loop_impl_on_stand_in_graphs(monkeypatch, stand_in_graph
     On the CPU the capture is a stand-in (``stand_in_graphs``, tests/conftest.py) and torch.compile uses its ``eager``
     backend (Dynamo's wrapper, no C++ compiler needed); the scheduler-share probe, which captures a real CUDA graph,
     is stubbed."""
-    import functools
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     monkeypatch.setattr(fb, "scheduler_step_us", lambda *args: 1.0)
@@ -188,6 +188,17 @@ def test_step_impl_error_is_recorded_not_raised():
     assert record["error"] == "RuntimeError: compile failed: no C++ compiler"
     assert record["median_us"] is None
     _assert_schema(record)
+
+
+def test_compiled_step_impl_runs_and_passes_the_check(monkeypatch):
+    """The ``torch.compile`` step case end to end (Dynamo's ``eager`` backend: no C++ compiler on CI), including the
+    Inductor setting it compiles under; on a GPU the same code compiles with Inductor."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    inputs = fb.make_step_inputs(fb.StepCase((1, 2, 4, 4), torch.float32, eta=1.0), CPU, 10)
+    record = fb.run_step_impl(inputs, "torch.compile", _tiny_plan())
+    assert record["error"] is None, record["error"]
+    assert record["check"]["passed"], record["check"]
+    assert record["compile_s"] > 0
 
 
 def test_bytes_per_step_and_cifar_config():

@@ -1,7 +1,8 @@
-"""fastddim's direct launch of compiled step kernels, checked against Triton's own dispatch without a GPU.
+"""fastddim's direct launch of compiled kernels, checked against Triton's own dispatch without a GPU.
 
-After the first launch of a specialization, ``fastddim.ops.launch_ddim_step`` skips Triton's dispatch and calls the
-compiled kernel's launcher itself (on CUDA only). ``tests/direct_launch_probe.py`` runs the real launcher in a
+After the first launch of a specialization, ``fastddim.ops.launch_ddim_step`` and
+``fastddim.threshold.launch_dynamic_threshold_scale`` skip Triton's dispatch and call the compiled kernel's launcher
+themselves (on CUDA only). ``tests/direct_launch_probe.py`` runs the real launcher in a
 subprocess (compiled kernels need ``TRITON_INTERPRET`` unset) over a recording stand-in for Triton's CUDA driver.
 """
 
@@ -15,7 +16,19 @@ def probe() -> dict:
     return run_compiled_probe("tests.direct_launch_probe")
 
 
-@pytest.mark.parametrize("case", ["flat", "strided", "tensor-noise", "philox-threshold"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "flat",
+        "strided",
+        "tensor-noise",
+        "philox-threshold",
+        "threshold-registers",
+        "threshold-streamed",
+        "threshold-int-timestep",
+        "threshold-split",
+    ],
+)
 def test_direct_launch_passes_what_dispatch_passes(probe, case):
     """The second launch of a signature bypasses dispatch and hands the launcher the very same arguments (grid,
     stream, kernel handle, metadata, every tensor's dtype and layout, every scalar, the constexprs in order)."""
@@ -31,3 +44,23 @@ def test_launcher_key_separates_exactly_what_triton_specializes(probe):
     assert soundness["keys_with_several_kernels"] == 0, soundness
     # 2 input dtypes x 2 output dtypes x {aligned, unaligned}: timesteps and table sizes add no variants.
     assert soundness["compiled_kernels"] == soundness["keys"] == 8, soundness
+
+
+def test_threshold_scale_launches_directly_on_its_grid(probe):
+    """The scale kernel's plans: one program per row on a (B, 1) grid, or rows split over a cooperative (B, C) grid
+    (2 rows of 27 648 elements on 132 SMs: 66 programs of up to 512 -> spans of 512, 54 programs per row)."""
+    convention = probe["convention"]
+    for case in ("threshold-registers", "threshold-streamed", "threshold-int-timestep"):
+        assert convention[case]["grid"] == [2, 1, 1] and not convention[case]["cooperative"], case
+    split = convention["threshold-split"]
+    assert split["grid"] == [2, 54, 1] and split["cooperative"], split
+    assert all(convention[case]["direct_launchers"] == 1 for case in convention if case.startswith("threshold"))
+
+
+def test_threshold_launcher_key_separates_exactly_what_triton_specializes(probe):
+    """Over input dtypes, aligned and unaligned pointers, timesteps, table sizes and ranks (do_not_specialize):
+    equal keys always meet the same compiled scale kernel."""
+    soundness = probe["threshold_soundness"]
+    assert soundness["keys_with_several_kernels"] == 0, soundness
+    # 3 input dtypes x {aligned, unaligned}: timesteps, table sizes and ranks add no variants.
+    assert soundness["compiled_kernels"] == soundness["keys"] == 6, soundness

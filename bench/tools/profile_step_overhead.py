@@ -70,11 +70,26 @@ def host_only() -> None:
     def step() -> object:
         return scheduler.step(x, t, x)
 
+    # A thresholded step (two launches), with rows split as on an H100's 132 SMs.
+    from fastddim import threshold
+
+    threshold._max_resident_programs = lambda device: 132
+    thresholded = fastddim.DDIMScheduler(thresholding=True)
+    thresholded.set_timesteps(50)
+    x_thr = torch.randn(16, 3, 64, 64)
+
+    def thresholded_step() -> object:
+        return thresholded.step(x_thr, t, x_thr)
+
     print("fastddim host time per step((1, 4, 64, 64) fp16, tensor timestep), all but the CUDA driver call:")
     ops._direct_launch_device = lambda sample: 0
     print(f"  direct launch of the compiled kernel   {per_call_us(step, nothing):8.1f} us")
+    thresholded_direct = per_call_us(thresholded_step, nothing)
     ops._direct_launch_device = lambda sample: None
     print(f"  through Triton's dispatch              {per_call_us(step, nothing):8.1f} us")
+    print("thresholded step((16, 3, 64, 64) fp32, rows split over 132 SMs), all but the CUDA driver calls:")
+    print(f"  direct launches of both kernels        {thresholded_direct:8.1f} us")
+    print(f"  through Triton's dispatch              {per_call_us(thresholded_step, nothing):8.1f} us")
 
     class NoOpKernel:
         def __getitem__(self, grid):
@@ -105,6 +120,11 @@ def cuda() -> None:
     sync = torch.cuda.synchronize
     print(f"scheduler.step eta=0          {per_call_us(lambda: scheduler.step(x, t, x), sync):8.1f} us")
     print(f"scheduler.step eta=1 (philox) {per_call_us(lambda: scheduler.step(x, t, x, eta=1.0), sync):8.1f} us")
+    thresholded = fastddim.DDIMScheduler(thresholding=True)
+    thresholded.set_timesteps(50, device="cuda")
+    x_thr = torch.randn(16, 3, 64, 64, device="cuda")
+    thresholded_us = per_call_us(lambda: thresholded.step(x_thr, t, x_thr), sync)
+    print(f"thresholded step 16x3x64x64   {thresholded_us:8.1f} us")
     launcher = per_call_us(lambda: ops.launch_ddim_step(*args, traceable=False), sync)
     print(f"ops.launch_ddim_step          {launcher:8.1f} us")
     print(f"ops.ddim_step (custom op)     {per_call_us(lambda: ops.ddim_step(*args), sync):8.1f} us")

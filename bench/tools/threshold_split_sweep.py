@@ -43,6 +43,7 @@ def sweep_case(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     label = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}"
     for span in SPANS:
         threshold.MIN_PROGRAM_SPAN = span or 1 << 62
+        threshold._THRESHOLD_PLANS.clear()
         config = threshold._threshold_launch_config(
             sample[0].numel(), True, shape[0], threshold._max_resident_programs(device)
         )

@@ -115,7 +115,9 @@ def _zero_scratch(pass_ptr, slots, is_first_program):
     tl.store(pass_ptr + slots, tl.zeros([_SCRATCH_STRIDE], tl.int32), mask=in_range)
 
 
-@triton.jit(do_not_specialize=["rank_lo"])
+# The per-call integers are not specialized (a new timestep must not compile a new kernel mid-loop or mid-capture,
+# and fastddim.ops._launch_compiled relies on it).
+@triton.jit(do_not_specialize=["timestep", "num_train_timesteps", "rank_lo"])
 def _dynamic_threshold_scale_kernel(
     # Pointers to tensors
     model_output_ptr,  # [B, D1, D2, D3] any float dtype

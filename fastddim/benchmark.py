@@ -362,9 +362,10 @@ def _driver_version() -> str | None:
 
 
 def _git_commit() -> str | None:
+    """The checkout's commit, with ``-dirty`` when the working tree differs from it (as a copied tree can)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
             capture_output=True,
             text=True,
             timeout=10,

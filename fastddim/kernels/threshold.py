@@ -212,8 +212,9 @@ def _dynamic_threshold_scale_kernel(
         shift = 24 - 8 * radix_pass
         pass_ptr = scratch_row_ptr + radix_pass * _SCRATCH_STRIDE
         if SHARED_HISTOGRAM:
-            # Pass q's histogram is free once every program has read it, i.e. after barrier q + 1; the one of the
-            # last pass is cleared by the next launch, before its own barrier 2.
+            # Pass q's histogram is free once every program has read it, i.e. after barrier q + 1; the last pass's
+            # is cleared at the start of the next launch (launches on one stream run in order), long before that
+            # launch's pass 3 adds to it after barrier 2.
             if radix_pass == 0:
                 _zero_scratch(scratch_row_ptr + 3 * _SCRATCH_STRIDE, slots, is_first_program)
             if radix_pass >= 2:

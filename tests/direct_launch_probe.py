@@ -14,6 +14,7 @@ Run as ``python -m tests.direct_launch_probe`` with ``TRITON_INTERPRET`` unset; 
 ``tests/test_direct_launch.py``.
 """
 
+import contextlib
 import itertools
 import json
 import sys
@@ -66,6 +67,22 @@ def _normalize(value):
     return type(value).__name__
 
 
+@contextlib.contextmanager
+def _counting_dispatches(dispatches: list[str]):
+    """Appends the kernel's name to ``dispatches`` on every pass through Triton's dispatch (``JITFunction.run``)."""
+    run = triton.runtime.jit.JITFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        dispatches.append(self.__name__)
+        return run(self, *args, **kwargs)
+
+    triton.runtime.jit.JITFunction.run = counting_run
+    try:
+        yield
+    finally:
+        triton.runtime.jit.JITFunction.run = run
+
+
 def _convention(ops) -> dict:
     """Two launches per case, the first dispatched, the second direct: the recorded launcher calls must agree."""
     generator = torch.Generator().manual_seed(0)
@@ -82,16 +99,9 @@ def _convention(ops) -> dict:
         "tensor-noise": (x, x, table, None, 981, noise, None, None, True, 2, True, 1.0, True, torch.float16),
         "philox-threshold": (x, x, table, ts, 0, None, seed, scale, True, 1, False, 1.0, False, torch.float32),
     }
-    dispatches = []
-    run = triton.runtime.jit.JITFunction.run
-
-    def counting_run(self, *args, **kwargs):
-        dispatches.append(self.__name__)
-        return run(self, *args, **kwargs)
-
-    triton.runtime.jit.JITFunction.run = counting_run
+    dispatches: list[str] = []
     results = {}
-    try:
+    with _counting_dispatches(dispatches):
         for name, args in cases.items():
             RECORDED.clear()
             dispatches.clear()
@@ -102,8 +112,6 @@ def _convention(ops) -> dict:
                 "dispatches": len(dispatches),
                 "same_arguments": len(RECORDED) == 2 and _normalize(RECORDED[0]) == _normalize(RECORDED[1]),
             }
-    finally:
-        triton.runtime.jit.JITFunction.run = run
     return results
 
 
@@ -122,16 +130,9 @@ def _threshold_convention(threshold) -> dict:
         "threshold-split": ((large, large, table, ts, 0, 0, 0.995, 1.5), 132),
     }
     resident_programs = threshold._max_resident_programs
-    dispatches = []
-    run = triton.runtime.jit.JITFunction.run
-
-    def counting_run(self, *args, **kwargs):
-        dispatches.append(self.__name__)
-        return run(self, *args, **kwargs)
-
-    triton.runtime.jit.JITFunction.run = counting_run
+    dispatches: list[str] = []
     results = {}
-    try:
+    with _counting_dispatches(dispatches):
         for name, (args, programs) in cases.items():
             threshold._max_resident_programs = lambda device, programs=programs: programs
             threshold._THRESHOLD_PLANS.clear()
@@ -148,10 +149,16 @@ def _threshold_convention(threshold) -> dict:
                 "cooperative": bool(plan.meta.get("launch_cooperative_grid")),
                 "direct_launchers": len(plan.launchers),
             }
-    finally:
-        threshold._max_resident_programs = resident_programs
-        triton.runtime.jit.JITFunction.run = run
+    threshold._max_resident_programs = resident_programs
     return results
+
+
+def _key_report(compiled_by_key: dict[tuple, set[int]], kernels: set[int]) -> dict:
+    return {
+        "keys": len(compiled_by_key),
+        "compiled_kernels": len(kernels),
+        "keys_with_several_kernels": sum(len(ids) > 1 for ids in compiled_by_key.values()),
+    }
 
 
 def _threshold_soundness(threshold) -> dict:
@@ -191,11 +198,7 @@ def _threshold_soundness(threshold) -> dict:
         compiled = kernel.warmup(*tensors, *scalars, *strides, grid=(2, 3), **meta)
         kernels.add(id(compiled))
         compiled_by_key.setdefault(threshold.ops._launcher_key(0, tensors), set()).add(id(compiled))
-    return {
-        "keys": len(compiled_by_key),
-        "compiled_kernels": len(kernels),
-        "keys_with_several_kernels": sum(len(ids) > 1 for ids in compiled_by_key.values()),
-    }
+    return _key_report(compiled_by_key, kernels)
 
 
 def _soundness(ops) -> dict:
@@ -233,11 +236,7 @@ def _soundness(ops) -> dict:
         compiled = kernel.warmup(*args, grid=(1,), **meta, num_warps=4, enable_fp_fusion=False)
         kernels.add(id(compiled))
         compiled_by_key.setdefault(ops._launcher_key(0, tensors), set()).add(id(compiled))
-    return {
-        "keys": len(compiled_by_key),
-        "compiled_kernels": len(kernels),
-        "keys_with_several_kernels": sum(len(ids) > 1 for ids in compiled_by_key.values()),
-    }
+    return _key_report(compiled_by_key, kernels)
 
 
 def main() -> int:

@@ -301,14 +301,16 @@ def test_permuted_high_rank_falls_back_to_a_copy(table):
     _check(model_output, sample, table, EPSILON, 0.9)
 
 
-@interpreter
-@pytest.mark.parametrize("case", ["dense", "strided", "ties", "nan", "ratio_one", "sample"])
-def test_streamed_rows(table, monkeypatch, case):
+def _stream_small_rows(monkeypatch) -> None:
     # Small limits push 189-element rows through the multi-chunk path (3 or 6 chunks per pass, the last partial).
     monkeypatch.setattr(threshold, "REGISTER_ROW_LIMIT", 100)
     monkeypatch.setattr(threshold, "CHUNK_SIZE", 64)
     monkeypatch.setattr(threshold, "STRIDED_CHUNK_SIZE", 32)
-    model_output, sample = _inputs((3, 3, 7, 9), seed=5)
+
+
+def _row_case(case: str, seed: int) -> tuple:
+    """(model_output, sample, prediction_type, ratio) of 3 rows of 189 elements for a named edge case."""
+    model_output, sample = _inputs((3, 3, 7, 9), seed=seed)
     prediction_type, ratio = EPSILON, 0.995
     if case == "strided":
         model_output = _channels_last(model_output)
@@ -316,12 +318,24 @@ def test_streamed_rows(table, monkeypatch, case):
         model_output = model_output.round().clamp(-2, 2)
         prediction_type, ratio = SAMPLE, 0.9
     elif case == "nan":
-        model_output[1, 2, 6, 8] = float("nan")
+        model_output[seed % 3, 2, 6, 8] = float("nan")
     elif case == "ratio_one":
         ratio = 1.0
     elif case == "sample":
         prediction_type = SAMPLE
+    elif case == "inf":
+        # The last pass's "smallest key above" slot: inf is the hi-th value of the top rank.
+        model_output[seed % 3, 0, 0, 0] = float("inf")
+        prediction_type, ratio = SAMPLE, 1 - 1 / 188
+    return model_output, sample, prediction_type, ratio
+
+
+@interpreter
+@pytest.mark.parametrize("case", ["dense", "strided", "ties", "nan", "ratio_one", "sample", "inf"])
+def test_streamed_rows(table, monkeypatch, case):
+    _stream_small_rows(monkeypatch)
     assert not threshold._threshold_launch_config(189, True).single_block
+    model_output, sample, prediction_type, ratio = _row_case(case, seed=5)
     _check(model_output, sample, table, prediction_type, ratio)
 
 
@@ -336,26 +350,10 @@ def test_shared_histogram_protocol(table, monkeypatch, streamed, case):
     monkeypatch.setattr(threshold, "MIN_PROGRAMS_FOR_SHARED_HISTOGRAM", 1)
     monkeypatch.setattr(threshold, "_scratch_buffers", {})
     if streamed:
-        monkeypatch.setattr(threshold, "REGISTER_ROW_LIMIT", 100)
-        monkeypatch.setattr(threshold, "CHUNK_SIZE", 64)
-        monkeypatch.setattr(threshold, "STRIDED_CHUNK_SIZE", 32)
+        _stream_small_rows(monkeypatch)
     assert threshold._threshold_launch_config(189, True).shared_histogram
     for seed in (31, 37, 41):
-        model_output, sample = _inputs((3, 3, 7, 9), seed=seed)
-        prediction_type, ratio = EPSILON, 0.995
-        if case == "strided":
-            model_output = _channels_last(model_output)
-        elif case == "ties":
-            model_output = model_output.round().clamp(-2, 2)
-            prediction_type, ratio = SAMPLE, 0.9
-        elif case == "nan":
-            model_output[seed % 3, 2, 6, 8] = float("nan")
-        elif case == "ratio_one":
-            ratio = 1.0
-        elif case == "inf":
-            # The last pass's "smallest key above" slot: inf is the hi-th value of the top rank.
-            model_output[seed % 3, 0, 0, 0] = float("inf")
-            prediction_type, ratio = SAMPLE, 1 - 1 / 188
+        model_output, sample, prediction_type, ratio = _row_case(case, seed)
         _check(model_output, sample, table, prediction_type, ratio)
     ((histograms, barriers),) = threshold._scratch_buffers.values()
     # Passes 0-2 are cleared within the launch; the last pass's histogram waits for the next launch to clear it.

@@ -141,7 +141,9 @@ def _threshold_launch_config(row_numel: int, dense_row: bool, batch: int = 1, ma
 
 # Shared-histogram scratch per (device, stream, batch, programs per row). The kernel leaves it zero-filled (each
 # pass's histogram is cleared once read) and its barrier counters consistent, so one zero-fill at creation serves
-# every later launch and graph replay; launches on one stream are ordered, and other streams get their own.
+# every later launch and graph replay; launches on one stream are ordered, and other streams get their own. Entries are
+# never evicted: a captured graph may hold the only other reference. Graphs captured on one stream (PyTorch's shared
+# capture stream) share a scratch, so, like graphs sharing a memory pool, they must not replay concurrently.
 _scratch_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 

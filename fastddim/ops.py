@@ -116,6 +116,11 @@ def _coalesce_layout(
     return out_sizes, out_strides
 
 
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of this shape (what ``.contiguous()`` copies into)."""
+    return tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
+
+
 def _launch_config(numel: int) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps): a small heuristic, no autotune (the step is cheap to rerun but capture forbids it)."""
     if interpreting():
@@ -233,8 +238,7 @@ def _plan_step(
     if layout is None:
         # More than four non-mergeable dims: copy to the output's layout once (rare; e.g. a permuted 6-D video).
         make_contiguous = True
-        contiguous = tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
-        layout = _coalesce_layout(shape, [contiguous] * len(strides))
+        layout = _coalesce_layout(shape, [_contiguous_strides(shape)] * len(strides))
     sizes, (stride_mo, stride_s, stride_n, stride_out) = layout
     batch = sizes[0]
     block_size, num_warps = _launch_config(numel)

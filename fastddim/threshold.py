@@ -45,7 +45,7 @@ import triton
 
 from fastddim import ops
 from fastddim.kernels.threshold import _SCRATCH_STRIDE, _dynamic_threshold_scale_kernel
-from fastddim.ops import PREDICTION_TYPES, _coalesce_layout, _constexpr_values
+from fastddim.ops import PREDICTION_TYPES, _coalesce_layout, _constexpr_values, _contiguous_strides
 
 # Rows up to this many elements stay in registers (16 warps x 32 keys per thread); longer rows are streamed.
 REGISTER_ROW_LIMIT = 16384
@@ -231,7 +231,7 @@ def _plan_threshold(
     if layout is None:
         # More than three non-mergeable inner dims (e.g. a permuted 6-D tensor): copy once (rare).
         make_contiguous = True
-        contiguous = tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
+        contiguous = _contiguous_strides(shape)
         layout = _row_layout(shape, contiguous, contiguous)
     dense_row, sizes, coalesced_mo, coalesced_s = layout
     config = _threshold_launch_config(row_numel, dense_row, batch, max_programs)

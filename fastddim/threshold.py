@@ -77,11 +77,11 @@ def quantile_rank(row_numel: int, ratio: float, dtype: torch.dtype = torch.float
     return lo, float(rank - real(lo))
 
 
-# The fewest elements a program of a split row gets. Measured on an H100 (bench/tools/threshold_split_sweep.py):
-# the scale of a 1x4x64x64 row took 10.4 us with 64 programs of 256, 12.8 us with 16 of 1024, 35 us with one.
+# The fewest elements a program of a split row gets (a power of two: spans are powers of two from it, or multiples of
+# the chunk size, so every span's first element stays 16-byte aligned). Measured on an H100
+# (bench/tools/threshold_split_sweep.py): the scale of a 1x4x64x64 row took 10.4 us with 64 programs of 256, 12.8 us
+# with 16 of 1024, 35 us with one.
 MIN_PROGRAM_SPAN = 256
-# Spans are multiples of this (or of the chunk size), so every program's first element is 16-byte aligned.
-SPAN_ALIGN = 64
 # Launches with this many programs per row or more share histograms through scratch (tests lower it to 1 to run the
 # shared-histogram protocol in the interpreter, which runs one program at a time and so can only run C = 1).
 MIN_PROGRAMS_FOR_SHARED_HISTOGRAM = 2
@@ -123,7 +123,7 @@ def _threshold_launch_config(row_numel: int, dense_row: bool, batch: int = 1, ma
         # time), which also keeps every span's first element aligned for vector loads.
         program_span = triton.cdiv(row_numel, programs_per_row)
         if program_span <= REGISTER_ROW_LIMIT:
-            program_span = max(triton.next_power_of_2(program_span), SPAN_ALIGN)
+            program_span = triton.next_power_of_2(program_span)
         else:
             program_span = triton.cdiv(program_span, chunk_size) * chunk_size
         programs_per_row = triton.cdiv(row_numel, program_span)

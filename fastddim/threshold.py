@@ -30,6 +30,9 @@ one program per row would leave all but B SMs idle. When B is below the SM count
 one program each, launched cooperatively (all resident, one per SM). After each pass every program atomically adds
 its histogram (and NaN count, and min above) into a per-row scratch buffer and waits at a barrier among the row's
 programs; all then read the same row-wide histogram and take the same digit, so the result does not depend on C.
+Once few keys of the row still match the prefix (with the default ratio the quantile lies in the tail, so from the
+second or third pass on), a pass skips ``tl.histogram`` and adds one atomic per matching key to the shared bins
+instead: the same counts, without a histogram's cost for every key of the span.
 The scratch is kept per (device, stream, B, C) and left as found: a pass's histogram is zero-filled once every
 program has read it (after the next barrier; the last pass's at the start of the next launch), and the barrier
 counter counts generations instead of being reset.
@@ -85,6 +88,11 @@ MIN_PROGRAM_SPAN = 256
 # Launches with this many programs per row or more share histograms through scratch (tests lower it to 1 to run the
 # shared-histogram protocol in the interpreter, which runs one program at a time and so can only run C = 1).
 MIN_PROGRAMS_FOR_SHARED_HISTOGRAM = 2
+# With shared histograms, a pass counts per key (see the module docstring) when at most this many program spans'
+# worth of the row's keys match its prefix. The bound caps the worst case, every match in one bin (ties), at a span's
+# worth of atomics on one address, estimated to cost about what tl.histogram costs a program: not measured yet
+# (bench/tools/threshold_split_sweep.py compares 1 with 0, never). Tests also set a large value: always.
+PER_KEY_COUNT_SPANS = 1
 
 
 class _LaunchConfig(NamedTuple):
@@ -94,6 +102,7 @@ class _LaunchConfig(NamedTuple):
     num_warps: int
     single_block: bool
     shared_histogram: bool
+    per_key_count_limit: int  # the kernel's per_key_count_limit: 0 (never) unless shared_histogram
 
 
 _multiprocessor_counts: dict[torch.device, int] = {}
@@ -136,7 +145,10 @@ def _threshold_launch_config(row_numel: int, dense_row: bool, batch: int = 1, ma
     # that no warp holds a replica of another's elements when tl.histogram counts them.
     num_warps = min(4 if block_size <= 1024 else 8 if block_size <= 2048 else 16, block_size // 32)
     shared_histogram = programs_per_row >= MIN_PROGRAMS_FOR_SHARED_HISTOGRAM
-    return _LaunchConfig(programs_per_row, program_span, block_size, num_warps, single_block, shared_histogram)
+    per_key_count_limit = min(int(program_span * PER_KEY_COUNT_SPANS), row_numel) if shared_histogram else 0
+    return _LaunchConfig(
+        programs_per_row, program_span, block_size, num_warps, single_block, shared_histogram, per_key_count_limit
+    )
 
 
 # Shared-histogram scratch per (device, stream, batch, programs per row). The kernel leaves it zero-filled (each
@@ -203,7 +215,7 @@ class _ThresholdPlan(NamedTuple):
 
     make_contiguous: bool  # the rows are not expressible as [B, D1, D2, D3]: copy the inputs once first
     config: _LaunchConfig
-    row_args: tuple  # (row_numel, programs_per_row, program_span, rank_lo, rank_weight)
+    row_args: tuple  # (row_numel, programs_per_row, program_span, rank_lo, rank_weight, per_key_count_limit)
     layout_args: tuple[int, ...]  # (size1, size2, size3, *model_output strides, *sample strides)
     meta: dict  # constexpr meta-parameters and launch options
     constexpr_values: tuple | None  # in signature order, for direct launches; None when interpreted
@@ -254,7 +266,14 @@ def _plan_threshold(
     return _ThresholdPlan(
         make_contiguous,
         config,
-        (row_numel, config.programs_per_row, config.program_span, rank_lo, float(rank_weight)),
+        (
+            row_numel,
+            config.programs_per_row,
+            config.program_span,
+            rank_lo,
+            float(rank_weight),
+            config.per_key_count_limit,
+        ),
         (*sizes[1:], *coalesced_mo, *coalesced_s),
         meta,
         _constexpr_values(_dynamic_threshold_scale_kernel, meta),

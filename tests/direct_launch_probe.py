@@ -193,7 +193,7 @@ def _threshold_soundness(threshold) -> dict:
         scale = torch.empty(2)
         histograms, barriers = torch.zeros(2, 4, 512, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
         tensors = (x, x, table, table, scale, histograms, barriers)
-        scalars = (timestep, num_train_timesteps, row_numel, 3, 256, rank_lo, 0.25, 1.5, 1, 1, row_numel)
+        scalars = (timestep, num_train_timesteps, row_numel, 3, 256, rank_lo, 0.25, 256, 1.5, 1, 1, row_numel)
         strides = (row_numel, 0, 0, 1, row_numel, 0, 0, 1)
         compiled = kernel.warmup(*tensors, *scalars, *strides, grid=(2, 3), **meta)
         kernels.add(id(compiled))

@@ -340,14 +340,19 @@ def test_streamed_rows(table, monkeypatch, case):
 
 
 @interpreter
+@pytest.mark.parametrize("counting", ["histogram", "per_key", "mixed"])
 @pytest.mark.parametrize("streamed", [False, True], ids=["registers", "streamed"])
 @pytest.mark.parametrize("case", ["dense", "strided", "ties", "nan", "ratio_one", "inf"])
-def test_shared_histogram_protocol(table, monkeypatch, streamed, case):
+def test_shared_histogram_protocol(table, monkeypatch, streamed, case, counting):
     # The interpreter runs one program at a time, so a row's programs cannot meet at a barrier there; with the
     # threshold lowered to C = 1 the kernel still runs the whole protocol: atomics into scratch, the barrier, the
     # row-wide histogram read back, the scratch cleared behind. Several launches on one scratch check that each
     # leaves it as it found it (a stale histogram or counter would change the next result).
+    # Passes count with tl.histogram, with an atomic per matching key, or mixed: with a limit of 32 of 189 keys, the
+    # first pass takes the histogram, the second either (22-65 keys share a row's top digit, so rows of one launch
+    # differ), the last two count per key, except on the ties' rows (75-94 keys in one bin), which never do.
     monkeypatch.setattr(threshold, "MIN_PROGRAMS_FOR_SHARED_HISTOGRAM", 1)
+    monkeypatch.setattr(threshold, "PER_KEY_COUNT_SPANS", {"histogram": 0, "per_key": 1, "mixed": 0.17}[counting])
     monkeypatch.setattr(threshold, "_scratch_buffers", {})
     if streamed:
         _stream_small_rows(monkeypatch)
@@ -374,6 +379,8 @@ def test_launch_config_splits_rows_over_the_sms():
             <= (config.programs_per_row * config.program_span)
         )
         assert config.shared_histogram == (config.programs_per_row > 1)
+        # Later passes may count per key only through shared bins, at most a span's worth of keys.
+        assert config.per_key_count_limit == (config.program_span if config.shared_histogram else 0)
         if config.shared_histogram:
             # Powers of two from MIN_PROGRAM_SPAN, or whole chunks: each span starts 16-byte aligned.
             assert config.program_span % 64 == 0

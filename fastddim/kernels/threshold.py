@@ -72,9 +72,17 @@ def _radix_pass_block(
     histogram,  # [256] int32 running histogram of this pass
     nan_count,  # int32 running count of NaN keys (pass 0 only)
     above_min,  # int32 running min of keys above prefix | 0xFF (last pass only)
+    row_histogram_ptr,  # this pass's 256 shared bins in scratch (only used when count_per_key)
+    count_per_key,  # bool: count matches with an atomic each into row_histogram_ptr instead (needs PER_KEY)
     SHIFT: tl.constexpr,
+    PER_KEY: tl.constexpr,
 ):
-    """Adds one block of keys to a radix pass: histogram of digit (keys >> SHIFT) & 0xFF among prefix matches."""
+    """Adds one block of keys to a radix pass: histogram of digit (keys >> SHIFT) & 0xFF among prefix matches.
+
+    tl.histogram costs tens of instructions per key whether or not the key matches. Once few keys of the row match
+    the prefix (typical from the second pass on), a global atomic per matching key costs less, and the row-wide
+    histogram in scratch is the same either way.
+    """
     if SHIFT == 24:
         # Top digit: every key matches the empty prefix (and a shift by 32 would be undefined).
         match = valid
@@ -85,7 +93,15 @@ def _radix_pass_block(
         above = valid & (keys > (prefix | 0xFF))
         above_min = tl.minimum(above_min, tl.min(tl.where(above, keys, _KEY_MAX), axis=0))
     digit = (keys >> SHIFT) & 0xFF
-    histogram += tl.histogram(digit, _NUM_BINS, mask=match)
+    if PER_KEY:
+        # A branch on a row-wide count: every program of the row takes the same side.
+        if count_per_key:
+            ones = tl.full(digit.shape, 1, tl.int32)
+            tl.atomic_add(row_histogram_ptr + digit, ones, mask=match, sem="relaxed", scope="gpu")
+        else:
+            histogram += tl.histogram(digit, _NUM_BINS, mask=match)
+    else:
+        histogram += tl.histogram(digit, _NUM_BINS, mask=match)
     return histogram, nan_count, above_min
 
 
@@ -135,6 +151,7 @@ def _dynamic_threshold_scale_kernel(
     program_span,
     rank_lo,  # floor(r), r = fp32(ratio) * fp32(n - 1), computed on the host
     rank_weight,  # r - floor(r), an fp32 value
+    per_key_count_limit,  # a pass counts per key when at most this many keys of the row share its prefix
     sample_max_value,
     # Logical row shape (ignored when DENSE_ROW)
     size1,
@@ -208,6 +225,8 @@ def _dynamic_threshold_scale_kernel(
     rank = tl.full((), 0, tl.int32) + rank_lo
     nan_count = tl.full((), 0, tl.int32)
     above_min = tl.full((), _KEY_MAX, tl.int32)
+    # Keys of the row that share `prefix`: the whole row before the first pass.
+    prefix_count = tl.full((), 0, tl.int32) + row_numel
     for radix_pass in tl.static_range(4):
         shift = 24 - 8 * radix_pass
         pass_ptr = scratch_row_ptr + radix_pass * _SCRATCH_STRIDE
@@ -220,9 +239,19 @@ def _dynamic_threshold_scale_kernel(
             if radix_pass >= 2:
                 _zero_scratch(scratch_row_ptr + (radix_pass - 2) * _SCRATCH_STRIDE, slots, is_first_program)
         histogram = tl.zeros([_NUM_BINS], tl.int32)
+        count_per_key = prefix_count <= per_key_count_limit
         if SINGLE_BLOCK:
             histogram, nan_count, above_min = _radix_pass_block(
-                span_keys, in_span, prefix, histogram, nan_count, above_min, shift
+                span_keys,
+                in_span,
+                prefix,
+                histogram,
+                nan_count,
+                above_min,
+                pass_ptr,
+                count_per_key,
+                shift,
+                SHARED_HISTOGRAM,
             )
         else:
             for block_start in range(span_start, span_end, BLOCK_SIZE):
@@ -249,11 +278,21 @@ def _dynamic_threshold_scale_kernel(
                     DIVIDE_BY_RECIPROCAL,
                 )
                 histogram, nan_count, above_min = _radix_pass_block(
-                    keys, valid, prefix, histogram, nan_count, above_min, shift
+                    keys,
+                    valid,
+                    prefix,
+                    histogram,
+                    nan_count,
+                    above_min,
+                    pass_ptr,
+                    count_per_key,
+                    shift,
+                    SHARED_HISTOGRAM,
                 )
         if SHARED_HISTOGRAM:
             # Sum the programs' histograms (and the NaN count, the min above) through scratch: after the barrier
-            # every program reads the same row-wide figures, so all take the same digit below.
+            # every program reads the same row-wide figures, so all take the same digit below. (A pass that counted
+            # per key has already added to scratch; its register histogram is zero and adds nothing.)
             tl.atomic_add(pass_ptr + bins, histogram, mask=histogram > 0, sem="relaxed", scope="gpu")
             if radix_pass == 0:
                 tl.atomic_add(pass_ptr + _NAN_SLOT, nan_count, mask=nan_count > 0, sem="relaxed", scope="gpu")
@@ -271,16 +310,17 @@ def _dynamic_threshold_scale_kernel(
         cumulative = tl.cumsum(histogram, axis=0)
         digit = tl.sum((cumulative <= rank).to(tl.int32), axis=0)
         rank -= tl.sum(tl.where(bins < digit, histogram, 0), axis=0)
+        prefix_count = tl.sum(tl.where(bins == digit, histogram, 0), axis=0)
         prefix = prefix | (digit << shift)
     if SHARED_HISTOGRAM:
         _zero_scratch(scratch_row_ptr + 2 * _SCRATCH_STRIDE, slots, is_first_program)
 
     key_lo = prefix
-    # The hi-th key equals key_lo while copies of it remain, else it is the smallest key above key_lo.
-    copies = tl.sum(tl.where(bins == digit, histogram, 0), axis=0)
+    # The hi-th key equals key_lo while copies of it remain (prefix_count: all 31 bits now), else it is the smallest
+    # key above key_lo.
     next_digit = tl.min(tl.where((bins > digit) & (histogram > 0), bins, _NUM_BINS), axis=0)
     next_in_bin = tl.where(next_digit < _NUM_BINS, (key_lo & ~0xFF) | next_digit, _KEY_MAX)
-    key_hi = tl.where(rank + 1 < copies, key_lo, tl.minimum(next_in_bin, above_min))
+    key_hi = tl.where(rank + 1 < prefix_count, key_lo, tl.minimum(next_in_bin, above_min))
     # hi = lo when w = 0, which also covers lo = n - 1 (nothing above; see quantile_rank): weight 0 must not meet
     # an inf above, as 0 * inf would be NaN.
     key_hi = tl.where(rank_weight == 0.0, key_lo, key_hi)

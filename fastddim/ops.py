@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+from triton.runtime.driver import driver as triton_driver
 
 from fastddim.kernels.ddim_step import _ddim_step_flat_kernel, _ddim_step_kernel
 
@@ -181,6 +182,47 @@ def _direct_launch_device(sample: torch.Tensor) -> int | None:
     return sample.device.index if sample.is_cuda else None
 
 
+# Triton versions whose CompiledKernel runner is known to call ``run(*grid, stream, function, packed_metadata,
+# launch_metadata, enter_hook, exit_hook, *args)`` (read in 3.6 and 3.9): others always go through the runner.
+_RUNNER_CONVENTION_VERSIONS = ((3, 6), (3, 9))
+_TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+
+
+class _CompiledLaunch(NamedTuple):
+    """One compiled kernel, ready to launch on one grid: what ``CompiledKernel.__getitem__``'s runner would use."""
+
+    runner: object  # compiled[grid]: Triton's own per-launch path, used while launch hooks are registered
+    run: object  # the driver's launcher, or None to always use the runner (another Triton version)
+    grid: tuple[int, int, int]
+    function: object
+    packed_metadata: object
+    get_stream: object  # the active driver's get_current_stream(device_index)
+
+
+def _compiled_launch(compiled: object, grid: tuple[int, ...]) -> _CompiledLaunch:
+    grid = (*grid, 1, 1)[:3]
+    runner = compiled[grid]  # also loads the module (_init_handles)
+    run, function, packed_metadata = (getattr(compiled, name, None) for name in ("run", "function", "packed_metadata"))
+    get_stream = getattr(triton_driver.active, "get_current_stream", None)
+    known = _RUNNER_CONVENTION_VERSIONS[0] <= _TRITON_VERSION <= _RUNNER_CONVENTION_VERSIONS[1]
+    if not known or run is None or function is None or packed_metadata is None or get_stream is None:
+        return _CompiledLaunch(runner, None, grid, None, None, None)
+    return _CompiledLaunch(runner, run, grid, function, packed_metadata, get_stream)
+
+
+def _launch_hooks_idle() -> bool:
+    """Whether no Triton launch hook is registered (``knobs.runtime``'s hook chains are empty, as they are unless a
+    profiler such as proton adds one), so a launch may pass no launch metadata and no hooks."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None:
+        return False
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        # A HookChain with no calls, or None; a bare callable has no `calls` and counts as registered.
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
 def _launch_compiled(
     kernel: triton.JITFunction,
     grid: tuple[int, ...],
@@ -199,15 +241,43 @@ def _launch_compiled(
     guarantees what makes that sound: the kernel takes its tensors first, every integer that varies between calls
     with one launch plan is ``do_not_specialize``, and ``launchers`` belongs to one launch plan (grid, scalars' types
     and specializations, meta-parameters).
+
+    The launch also skips what Triton's runner does per call for launch hooks: it builds launch metadata and has
+    the driver call the enter and exit hook chains, which are empty unless a profiler registers a hook. While they
+    are empty it passes none (what the runner passes when there are no hooks at all); otherwise it uses the runner.
+    The caller holds the device current (``device_guard``), so the device's current stream is the runner's stream.
     """
     launcher_key = _launcher_key(device_index, tensors)
-    launcher = launchers.get(launcher_key)
-    if launcher is None:
+    launch = launchers.get(launcher_key)
+    if launch is None:
         compiled = kernel[grid](*tensors, *scalars, **meta)
         if compiled is not None:
-            launchers[launcher_key] = compiled[(*grid, 1, 1)[:3]]
+            launchers[launcher_key] = _compiled_launch(compiled, grid)
+    elif launch.run is not None and _launch_hooks_idle():
+        launch.run(
+            *launch.grid,
+            launch.get_stream(device_index),
+            launch.function,
+            launch.packed_metadata,
+            None,
+            None,
+            None,
+            *tensors,
+            *scalars,
+            *constexpr_values,
+        )
     else:
-        launcher(*tensors, *scalars, *constexpr_values)
+        launch.runner(*tensors, *scalars, *constexpr_values)
+
+
+# torch.cuda.device(device) spends ~2 us of Python normalizing its argument (dev CPU); the guard Inductor's generated
+# code uses takes the index directly and does the same device exchange on entry and exit.
+_CudaDeviceGuard = getattr(torch.cuda, "_DeviceGuard", None) or torch.cuda.device
+
+
+def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Makes ``tensor``'s CUDA device current for a launch (and restores the previous one); a no-op off CUDA."""
+    return _CudaDeviceGuard(tensor.device.index) if tensor.is_cuda else contextlib.nullcontext()
 
 
 _STEP_FLAG_NAMES = (
@@ -357,7 +427,7 @@ def launch_ddim_step(
     )
     scalars = (timestep, coef_table.shape[0], clip_sample_range, *plan.layout_args)
     device_index = None if traceable or plan.constexpr_values is None else _direct_launch_device(sample)
-    with torch.cuda.device(sample.device) if sample.is_cuda else contextlib.nullcontext():
+    with device_guard(sample):
         if traceable:
             torch.library.wrap_triton(plan.kernel)[plan.grid](*tensors, *scalars, **plan.meta)
         elif device_index is None:

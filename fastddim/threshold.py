@@ -38,7 +38,6 @@ program has read it (after the next barrier; the last pass's at the start of the
 counter counts generations instead of being reset.
 """
 
-import contextlib
 import math
 from typing import NamedTuple
 
@@ -359,7 +358,7 @@ def launch_dynamic_threshold_scale(
     scalars = (timestep, coef_table.shape[0], *plan.row_args, float(sample_max_value), *plan.layout_args)
     grid = (batch, config.programs_per_row)
     device_index = None if traceable or plan.constexpr_values is None else ops._direct_launch_device(sample)
-    with torch.cuda.device(sample.device) if sample.is_cuda else contextlib.nullcontext():
+    with ops.device_guard(sample):
         if traceable:
             torch.library.wrap_triton(_dynamic_threshold_scale_kernel)[grid](*tensors, *scalars, **plan.meta)
         elif device_index is None:

@@ -56,6 +56,27 @@ class RecordingDriver(CompileOnlyDriver):
         super().__init__(TARGETS["sm_90"])
 
 
+# Where a compiled kernel's launcher takes the launch metadata and the enter and exit hooks: after the grid, the
+# stream, the kernel handle and the packed metadata.
+_HOOK_ARGUMENTS = slice(6, 9)
+
+
+def _no_hooks(hooks: tuple) -> bool:
+    """Whether the hook arguments call nothing: each hook None or an empty HookChain (the metadata is only theirs)."""
+    return all(hook is None or getattr(hook, "calls", True) == [] for hook in hooks[1:])
+
+
+def _normalize_launch(args: tuple) -> list:
+    """A launcher call in comparable form. Triton's runner passes launch metadata and its (empty) hook chains,
+    fastddim's direct launch passes None for all three while no hook is registered: the launcher then calls
+    nothing either way, so both read "no hooks"."""
+    hooks = args[_HOOK_ARGUMENTS]
+    normalized = _normalize(args)
+    if _no_hooks(hooks):
+        normalized[_HOOK_ARGUMENTS] = ["no hooks"] * len(hooks)
+    return normalized
+
+
 def _normalize(value):
     """Launcher arguments in comparable form: tensors by dtype and layout (each call allocates new outputs)."""
     if isinstance(value, torch.Tensor):
@@ -110,9 +131,33 @@ def _convention(ops) -> dict:
             results[name] = {
                 "launches": len(RECORDED),
                 "dispatches": len(dispatches),
-                "same_arguments": len(RECORDED) == 2 and _normalize(RECORDED[0]) == _normalize(RECORDED[1]),
+                "same_arguments": len(RECORDED) == 2 and _same_launch(RECORDED[0], RECORDED[1]),
+                "direct_skips_hooks": len(RECORDED) == 2 and RECORDED[1][1][_HOOK_ARGUMENTS] == (None, None, None),
             }
+        # With a launch hook registered (as a profiler registers one), the direct launch must call it: it goes
+        # through Triton's runner, which passes the hook chains and the launch metadata they read.
+        args = cases["flat"]
+        hook = triton.knobs.runtime.launch_enter_hook
+        hook.add(_hook_stand_in)
+        try:
+            RECORDED.clear()
+            ops.launch_ddim_step(*args, traceable=False)
+        finally:
+            hook.remove(_hook_stand_in)
+        ((_, launch),) = RECORDED
+        results["hook-registered"] = {
+            "hooks_passed": launch[_HOOK_ARGUMENTS.start + 1] is hook and launch[_HOOK_ARGUMENTS.start] is not None,
+        }
     return results
+
+
+def _hook_stand_in(metadata) -> None:
+    """A launch hook for the probe (the recording launcher never calls it)."""
+
+
+def _same_launch(first: tuple, second: tuple) -> bool:
+    (first_name, first_args), (second_name, second_args) = first, second
+    return first_name == second_name and _normalize_launch(first_args) == _normalize_launch(second_args)
 
 
 def _threshold_convention(threshold) -> dict:
@@ -144,7 +189,8 @@ def _threshold_convention(threshold) -> dict:
             results[name] = {
                 "launches": len(RECORDED),
                 "dispatches": len(dispatches),
-                "same_arguments": len(RECORDED) == 2 and _normalize(RECORDED[0]) == _normalize(RECORDED[1]),
+                "same_arguments": len(RECORDED) == 2 and _same_launch(RECORDED[0], RECORDED[1]),
+                "direct_skips_hooks": len(RECORDED) == 2 and RECORDED[1][1][_HOOK_ARGUMENTS] == (None, None, None),
                 "grid": list(RECORDED[0][1][:3]) if RECORDED else None,
                 "cooperative": bool(plan.meta.get("launch_cooperative_grid")),
                 "direct_launchers": len(plan.launchers),
@@ -249,7 +295,9 @@ def main() -> int:
     from fastddim import threshold
 
     ops._direct_launch_device = lambda sample: 0  # CPU tensors stand in for CUDA ones
+    low, high = ops._RUNNER_CONVENTION_VERSIONS
     report = {
+        "runner_convention_known": low <= ops._TRITON_VERSION <= high,
         "convention": {**_convention(ops), **_threshold_convention(threshold)},
         "soundness": _soundness(ops),
         "threshold_soundness": _threshold_soundness(threshold),

@@ -31,10 +31,19 @@ def probe() -> dict:
 )
 def test_direct_launch_passes_what_dispatch_passes(probe, case):
     """The second launch of a signature bypasses dispatch and hands the launcher the very same arguments (grid,
-    stream, kernel handle, metadata, every tensor's dtype and layout, every scalar, the constexprs in order)."""
+    stream, kernel handle, packed metadata, every tensor's dtype and layout, every scalar, the constexprs in order)."""
     result = probe["convention"][case]
     assert result["launches"] == 2 and result["dispatches"] == 1, result
     assert result["same_arguments"], result
+    # ... except Triton's launch metadata and empty hook chains, which the direct launch leaves out (None) on the
+    # Triton versions whose runner convention fastddim knows (elsewhere it keeps Triton's runner).
+    assert result["direct_skips_hooks"] == probe["runner_convention_known"], result
+
+
+def test_direct_launch_keeps_registered_launch_hooks(probe):
+    """With a launch hook registered (a profiler's), the direct launch goes through Triton's runner, which passes
+    the hook chain and the launch metadata it reads."""
+    assert probe["convention"]["hook-registered"]["hooks_passed"]
 
 
 def test_launcher_key_separates_exactly_what_triton_specializes(probe):

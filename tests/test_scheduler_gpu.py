@@ -174,3 +174,44 @@ def test_int64_offsets_past_2_31_elements(numel_log2):
     expected = scheduler.step(sample[:, -32:].contiguous(), 1, sample[:, -32:].contiguous(), return_dict=False)[0]
     assert torch.equal(out[:, -32:], expected)
     del out, sample
+
+
+def test_launch_hooks_see_every_eager_launch():
+    """Direct launches leave Triton's launch hooks out only while none is registered: a profiler's hook (here a
+    counter) sees every launch, the first through Triton's dispatch and the later ones straight to the kernel."""
+    import triton
+
+    enter_hook = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if enter_hook is None:
+        pytest.skip("this Triton has no knobs.runtime launch hooks")
+    enter_hook = enter_hook.launch_enter_hook
+    scheduler = DDIMScheduler(**CONFIGS["thresholding"])
+    scheduler.set_timesteps(10, device="cuda")
+    sample = torch.randn(2, 3, 16, 16, device="cuda")
+    expected = scheduler.step(sample * 0.5, scheduler.timesteps[0], sample).prev_sample
+    launched = []
+    enter_hook.add(launched.append)
+    try:
+        for _ in range(3):
+            with_hook = scheduler.step(sample * 0.5, scheduler.timesteps[0], sample).prev_sample
+    finally:
+        enter_hook.remove(launched.append)
+    assert len(launched) == 3 * 2, "two launches per thresholded step"
+    assert torch.equal(with_hook, expected)
+    assert torch.equal(scheduler.step(sample * 0.5, scheduler.timesteps[0], sample).prev_sample, expected)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_step_on_a_device_that_is_not_current():
+    """Launches go to the samples' device whatever device is current, and leave the current device as it was."""
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        scheduler = DDIMScheduler(**CONFIGS["thresholding"])
+        scheduler.set_timesteps(10, device=device)
+        sample = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.cuda.device(0):
+            for _ in range(2):  # dispatched, then direct
+                prev_sample = scheduler.step(sample * 0.5, scheduler.timesteps[0], sample).prev_sample
+            assert torch.cuda.current_device() == 0
+        results.append(prev_sample.cpu())
+    assert torch.equal(results[0], results[1])

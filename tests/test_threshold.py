@@ -532,15 +532,19 @@ def test_gpu_channels_last_and_v_prediction(table):
 
 
 @gpu
+@pytest.mark.parametrize("counting", ["default", "histogram", "per_key"])
 @pytest.mark.parametrize(
     "shape",
     [(1, 4, 64, 64), (16, 3, 64, 64), (4, 3, 256, 256), (1, 4, 1024, 1024), (3, 2, 37, 41)],
     ids=str,
 )
-def test_gpu_rows_split_over_programs(table, shape):
+def test_gpu_rows_split_over_programs(table, monkeypatch, shape, counting):
     # Rows split into C programs that meet at barriers: register spans, streamed spans (2^22 elements: 32768 per
     # program), a partial last span. Each case runs several launches on one scratch, with ties, a NaN row, an inf
-    # and a strided layout, so a race, a stale histogram or a counter out of step shows as a wrong bit.
+    # and a strided layout, so a race, a stale histogram or a counter out of step shows as a wrong bit. The passes
+    # count by the default rule, always by tl.histogram, or always per key (every key of the row: ties pile up
+    # thousands of atomics on one bin).
+    monkeypatch.setattr(threshold, "PER_KEY_COUNT_SPANS", {"default": 1, "histogram": 0, "per_key": 1 << 30}[counting])
     config = threshold._threshold_launch_config(
         torch.Size(shape[1:]).numel(), True, shape[0], threshold._max_resident_programs(torch.device(DEVICE))
     )

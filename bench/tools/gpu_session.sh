@@ -2,7 +2,7 @@
 # Everything a session with a lent GPU should measure, in phases that each fit one 10-minute device call.
 #
 #   bench/tools/gpu_session.sh tests       # every gpu-marked test (about 2-3 minutes on an H100)
-#   bench/tools/gpu_session.sh overhead    # eager-step host-time breakdown and the threshold split sweep (~1 minute)
+#   bench/tools/gpu_session.sh overhead    # eager-step host-time breakdown and the threshold split sweep (~2 minutes)
 #   bench/tools/gpu_session.sh bench-step  # fastddim bench --only step (2-5 minutes; torch.compile cases bounded)
 #   bench/tools/gpu_session.sh bench-loop  # fastddim bench --only loop (about 6 minutes on an H100)
 #   bench/tools/gpu_session.sh regression  # pytest bench/ against the committed baseline, saving this run (~2 min)

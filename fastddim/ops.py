@@ -166,15 +166,18 @@ def _constexpr_values(kernel: object, meta: dict) -> tuple | None:
     return tuple(meta[name] for name in names)
 
 
-def _launcher_key(device_index: int, tensors: tuple[torch.Tensor, ...]) -> tuple:
+def _launcher_key(device_index: int, tensors: tuple[torch.Tensor, ...], pointers: list[int] | None = None) -> tuple:
     """What Triton specializes a compiled kernel on among the arguments that change between calls with one plan.
 
     Triton specializes a tensor argument on its dtype and on whether its address is a multiple of 16 bytes, and an
     integer on being 1 or a multiple of 16; the kernels' per-call integers (timestep, num_train_timesteps) are
     ``do_not_specialize`` and everything else is fixed by the launch plan. Two launches with the same key therefore
     run the same compiled kernel (tests/direct_launch_probe.py checks this against Triton's own dispatch).
+    ``pointers`` are the tensors' data pointers, when the caller has them already.
     """
-    return (device_index, *[(tensor.dtype, tensor.data_ptr() % 16 == 0) for tensor in tensors])
+    if pointers is None:
+        pointers = [tensor.data_ptr() for tensor in tensors]
+    return (device_index, *[tensor.dtype for tensor in tensors], *[pointer % 16 == 0 for pointer in pointers])
 
 
 def _direct_launch_device(sample: torch.Tensor) -> int | None:
@@ -246,8 +249,12 @@ def _launch_compiled(
     the driver call the enter and exit hook chains, which are empty unless a profiler registers a hook. While they
     are empty it passes none (what the runner passes when there are no hooks at all); otherwise it uses the runner.
     The caller holds the device current (``device_guard``), so the device's current stream is the runner's stream.
+    It passes the tensors' data pointers as integers: for a tensor, the launcher calls ``data_ptr()`` and asks the
+    CUDA driver whether the pointer is device-accessible (``cuPointerGetAttribute``), once per tensor argument and
+    launch, a check the scheduler's validation (same CUDA device for every tensor) already makes.
     """
-    launcher_key = _launcher_key(device_index, tensors)
+    pointers = [tensor.data_ptr() for tensor in tensors]
+    launcher_key = _launcher_key(device_index, tensors, pointers)
     launch = launchers.get(launcher_key)
     if launch is None:
         compiled = kernel[grid](*tensors, *scalars, **meta)
@@ -262,7 +269,7 @@ def _launch_compiled(
             None,
             None,
             None,
-            *tensors,
+            *pointers,
             *scalars,
             *constexpr_values,
         )

@@ -66,11 +66,17 @@ def _no_hooks(hooks: tuple) -> bool:
     return all(hook is None or getattr(hook, "calls", True) == [] for hook in hooks[1:])
 
 
-def _normalize_launch(args: tuple) -> list:
+def _normalize_launch(args: tuple, tensors: tuple | None = None) -> list:
     """A launcher call in comparable form. Triton's runner passes launch metadata and its (empty) hook chains,
     fastddim's direct launch passes None for all three while no hook is registered: the launcher then calls
-    nothing either way, so both read "no hooks"."""
+    nothing either way, so both read "no hooks". Triton's dispatch passes tensors, the direct launch their data
+    pointers: given the ``tensors`` of a direct launch, each pointer must be that tensor's, and reads as it."""
     hooks = args[_HOOK_ARGUMENTS]
+    args = list(args)
+    if tensors is not None:
+        start = _HOOK_ARGUMENTS.stop
+        for index, tensor in enumerate(tensors, start):
+            args[index] = tensor if args[index] == tensor.data_ptr() else "wrong pointer"
     normalized = _normalize(args)
     if _no_hooks(hooks):
         normalized[_HOOK_ARGUMENTS] = ["no hooks"] * len(hooks)
@@ -105,7 +111,8 @@ def _counting_dispatches(dispatches: list[str]):
 
 
 def _convention(ops) -> dict:
-    """Two launches per case, the first dispatched, the second direct: the recorded launcher calls must agree."""
+    """Two launches per case, the first dispatched, the second direct: the recorded launcher calls must agree
+    (the direct one passing data pointers for tensors, and no hooks while none is registered)."""
     generator = torch.Generator().manual_seed(0)
     table = torch.zeros(1000, 8)
     x = torch.randn(2, 4, 16, 16, generator=generator).to(torch.float16)
@@ -156,8 +163,24 @@ def _hook_stand_in(metadata) -> None:
 
 
 def _same_launch(first: tuple, second: tuple) -> bool:
+    """Whether a dispatched launch and the direct launch after it hand the launcher the same arguments."""
     (first_name, first_args), (second_name, second_args) = first, second
-    return first_name == second_name and _normalize_launch(first_args) == _normalize_launch(second_args)
+    second_tensors = LAUNCHED_TENSORS[-1]
+    return first_name == second_name and _normalize_launch(first_args) == _normalize_launch(
+        second_args, second_tensors
+    )
+
+
+# The tensors of each fastddim.ops._launch_compiled call, which the direct launch passes as data pointers.
+LAUNCHED_TENSORS: list[tuple] = []
+
+
+def _recording_tensors(launch_compiled):
+    def launch(kernel, grid, tensors, *args, **kwargs):
+        LAUNCHED_TENSORS.append(tensors)
+        return launch_compiled(kernel, grid, tensors, *args, **kwargs)
+
+    return launch
 
 
 def _threshold_convention(threshold) -> dict:
@@ -295,6 +318,7 @@ def main() -> int:
     from fastddim import threshold
 
     ops._direct_launch_device = lambda sample: 0  # CPU tensors stand in for CUDA ones
+    ops._launch_compiled = _recording_tensors(ops._launch_compiled)
     low, high = ops._RUNNER_CONVENTION_VERSIONS
     report = {
         "runner_convention_known": low <= ops._TRITON_VERSION <= high,

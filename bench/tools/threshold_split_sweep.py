@@ -3,8 +3,8 @@
 For each case, times the scale kernel alone and the whole thresholded step against a plain fused step, replayed from
 CUDA graphs (``triton.testing.do_bench_cudagraph``: device time, no launch overhead), for several values of
 ``fastddim.threshold.MIN_PROGRAM_SPAN`` (the fewest elements a program gets; "one program per row" disables the
-split), each with the later radix passes counting matching keys per key (``PER_KEY_COUNT_SPANS`` = 1, the default)
-and always by ``tl.histogram`` (0). It is the evidence behind those constants.
+split), each with the later radix passes counting matching keys per key (``PER_KEY_COUNT_SPANS`` 1, the default, or
+4) and always by ``tl.histogram`` (0). It is the evidence behind those constants.
 
 Usage: ``python bench/tools/threshold_split_sweep.py``.
 """
@@ -16,7 +16,7 @@ from fastddim import DDIMScheduler, threshold
 
 CASES = [((1, 4, 64, 64), torch.float16), ((16, 3, 64, 64), torch.float32), ((4, 3, 256, 256), torch.float16)]
 SPANS = [256, 512, 1024, 2048, 4096, None]
-PER_KEY_COUNT_SPANS = [1, 0]
+PER_KEY_COUNT_SPANS = [1, 4, 0]
 
 
 def sweep_case(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:

@@ -29,7 +29,9 @@ Outputs in ``--out``:
   implementation) with median, p20/p25/p75/p80 and IQR in µs, plus GB/s and % of the copy bandwidth (step),
   images/s, ms/step, capture time and peak memory (loop), and the speedup over diffusers eager. It is rewritten after
   every record, so an interrupted run keeps what it measured.
-- ``results.md``: the same as markdown tables (also printed to stdout).
+- ``results.md``: the same as markdown tables (also printed to stdout); on CUDA, then the issues' performance
+  targets as met or not by this run (``targets`` in ``results.json``; ``--targets RESULTS_JSON`` prints them for an
+  earlier run).
 - ``step_us_vs_size.png``, ``step_latency_vs_size.png``, ``loop_images_per_s.png`` (matplotlib, Agg backend).
 
 Timing (see ``methodology`` in ``results.json``):
@@ -245,9 +247,12 @@ GPU_STEP_CASES = [
     # 2^26 elements: 128 MiB per fp16 tensor, far beyond L2, for bandwidth.
     _fp((64, 4, 512, 512), F16),
     _fp((64, 4, 512, 512), F16, 1.0),
-    # Dynamic thresholding targets pixel-space models: rows of 12 288 and 196 608 elements.
+    # Dynamic thresholding targets pixel-space models: rows of 12 288 and 196 608 elements, with the plain step at
+    # the same shapes to compare against.
     _fp((16, 3, 64, 64), F32, thresholding=True),
+    _fp((16, 3, 64, 64), F32),
     _fp((4, 3, 256, 256), F16, thresholding=True),
+    _fp((4, 3, 256, 256), F16),
 ]
 GPU_QUICK_STEP_CASES = [_fp((1, 4, 64, 64), F16), _fp((16, 4, 128, 128), F16), _fp((16, 4, 128, 128), F16, 1.0)]
 CPU_QUICK_STEP_CASES = [
@@ -1218,6 +1223,121 @@ def finalize_loop_records(records: list[dict]) -> None:
                 record[field] = base["median_us"] / record["median_us"]
 
 
+# ------------------------------------------------------------------------------------------------ targets
+
+
+def _timed(records: list[dict], benchmark: str, impls: tuple[str, ...]) -> list[dict]:
+    return [r for r in records if r["benchmark"] == benchmark and r["impl"] in impls and r["median_us"]]
+
+
+def _step_label(record: dict) -> str:
+    return f"{'x'.join(map(str, record['shape']))} {record['dtype']} eta {record['config']['eta']:g}"
+
+
+def _loop_label(record: dict) -> str:
+    return f"{record['model']} b{record['batch_size']} {record['dtype']}"
+
+
+def _check(target: str, values: list[tuple[str, float | None]], passes: Callable[[float], bool], unit: str) -> dict:
+    """One target: met when every measured value passes, None when nothing was measured."""
+    measured = [(label, value) for label, value in values if value is not None]
+    spec = {"%": ".1f", "x": ".2f"}[unit]
+    return {
+        "target": target,
+        "measured": "; ".join(f"{label}: {value:{spec}}{unit}" for label, value in measured) or "not measured",
+        "met": all(passes(value) for _, value in measured) if measured else None,
+    }
+
+
+def target_checks(records: list[dict]) -> list[dict]:
+    """The scheduler and pipeline issues' performance targets (for an H100/H200), against this run's records.
+
+    Returns one ``{"target", "measured", "met"}`` per target, ``met`` None where the run measured nothing for it. The
+    figures are the records' own (speedups and % of copy bandwidth from ``finalize_*_records``); the thresholded
+    step is compared with the plain step at the same shape, dtype and eta, both replayed from CUDA graphs.
+    """
+    steps = _timed(records, "step", ("fastddim", "fastddim-graph"))
+    eager = [r for r in steps if r["impl"] == "fastddim" and not r["config"]["thresholding"]]
+    latent = [r for r in eager if r["shape"] == [1, 4, 64, 64] and r["dtype"] == "fp16" and r["config"]["eta"] == 0]
+    graphed = {
+        (tuple(r["shape"]), r["dtype"], r["config"]["eta"], r["config"]["thresholding"]): r
+        for r in steps
+        if r["impl"] == "fastddim-graph"
+    }
+    threshold_ratios = [
+        (_step_label(record), record["median_us"] / graphed[(shape, dtype, eta, False)]["median_us"])
+        for (shape, dtype, eta, thresholding), record in graphed.items()
+        if thresholding and (shape, dtype, eta, False) in graphed
+    ]
+    loops = _timed(records, "loop", GRAPH_LOOP_IMPLS)
+    best_vs_compile: dict[str, float] = {}
+    for r in loops:
+        if r["speedup_vs_compile_reduce_overhead"]:
+            label = _loop_label(r)
+            best_vs_compile[label] = max(best_vs_compile.get(label, 0.0), r["speedup_vs_compile_reduce_overhead"])
+    shares = [r for r in loops if r["scheduler_share"] is not None]
+    worst_share = max(shares, key=lambda r: r["scheduler_share"], default=None)
+    return [
+        _check(
+            "step: >= 90 % of copy bandwidth at >= 2^26 elements",
+            [(_step_label(r), r["pct_of_copy_bw"]) for r in eager if r["numel"] >= 1 << 26],
+            lambda pct: pct >= 90,
+            "%",
+        ),
+        _check(
+            "step at 1x4x64x64 fp16: >= 10x diffusers eager, device time",
+            [("fastddim", r["speedup_vs_diffusers"]) for r in latent],
+            lambda speedup: speedup >= 10,
+            "x",
+        ),
+        _check(
+            "step at 1x4x64x64 fp16: >= 10x diffusers eager, latency",
+            [("fastddim", r["latency_speedup_vs_diffusers"]) for r in latent],
+            lambda speedup: speedup >= 10,
+            "x",
+        ),
+        _check(
+            "thresholded step: <= 2x a plain step (CUDA graph, device time)",
+            threshold_ratios,
+            lambda ratio: ratio <= 2,
+            "x",
+        ),
+        _check(
+            "loop at batch 1: >= 5x diffusers' DDIMPipeline (fastddim-graph)",
+            [
+                (_loop_label(r), r["speedup_vs_diffusers"])
+                for r in loops
+                if r["impl"] == "fastddim-graph" and r["batch_size"] == 1
+            ],
+            lambda speedup: speedup >= 5,
+            "x",
+        ),
+        _check(
+            "loop: >= 1.3x torch.compile reduce-overhead (best fastddim graph)",
+            list(best_vs_compile.items()),
+            lambda speedup: speedup >= 1.3,
+            "x",
+        ),
+        _check(
+            "loop: scheduler share <= 3 % (largest, fastddim graphs)",
+            []
+            if worst_share is None
+            else [(f"{_loop_label(worst_share)} {worst_share['impl']}", 100 * worst_share["scheduler_share"])],
+            lambda pct: pct <= 3,
+            "%",
+        ),
+    ]
+
+
+def targets_table(records: list[dict]) -> str:
+    """The targets of ``target_checks`` as a markdown section."""
+    lines = ["## Targets (H100/H200)", "", "| target | measured | met |", "|---|---|---|"]
+    for check in target_checks(records):
+        met = {True: "yes", False: "**no**", None: "–"}[check["met"]]
+        lines.append(f"| {check['target']} | {check['measured']} | {met} |")
+    return "\n".join(lines + [""])
+
+
 # ------------------------------------------------------------------------------------------------ reports
 
 
@@ -1315,6 +1435,8 @@ def markdown_tables(results: dict) -> str:
                 f"{_fmt(r['speedup_vs_compile_reduce_overhead'], '.2f', '×')} |"
             )
         lines.append("")
+    if env["device_type"] == "cuda":
+        lines.append(targets_table(records))
     return "\n".join(lines)
 
 
@@ -1528,6 +1650,7 @@ def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bo
     inputs_cache.clear()
     finalize_step_records(records)
     finalize_loop_records(records)
+    results["targets"] = target_checks(records)
     results["elapsed_s"] = time.perf_counter() - started
     write_json(results, out_dir)
     (out_dir / "results.md").write_text(markdown_tables(results) + "\n")
@@ -1597,6 +1720,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print this device's folder name (e.g. for baselines) and exit",
     )
+    parser.add_argument(
+        "--targets",
+        type=Path,
+        metavar="RESULTS_JSON",
+        default=None,
+        help="print the performance targets as met or not by an existing results.json, and exit",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1609,6 +1739,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"--threads must be positive, got {args.threads}", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
+    if args.targets is not None:
+        try:
+            records = json.loads(args.targets.read_text())["records"]
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"--targets {args.targets}: not a readable results.json ({exc})", file=sys.stderr)
+            return 2
+        print(targets_table(records))
+        return 0
     device = _resolve_device(args.device)
     if args.print_device_slug:
         print(device_slug(device))

@@ -5,6 +5,7 @@ import functools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +105,56 @@ def test_loop_plan_and_speedups_over_both_baselines():
     assert records[2]["speedup_vs_diffusers"] == 5.0
     assert records[2]["speedup_vs_compile_reduce_overhead"] == 1.5
     assert records[1]["speedup_vs_compile_reduce_overhead"] == 1.0
+
+
+def _step(impl: str, shape: list[int], median_us: float, thresholding: bool = False, **fields) -> dict:
+    config = {"eta": 0.0, "thresholding": thresholding}
+    numel = 1
+    for size in shape:
+        numel *= size
+    return fb.new_record(
+        "step", impl=impl, shape=shape, numel=numel, dtype="fp16", config=config, median_us=median_us, **fields
+    )
+
+
+def test_targets_met_not_met_and_not_measured():
+    records = [
+        _step("fastddim", [64, 4, 512, 512], 200.0, pct_of_copy_bw=95.0),
+        _step("fastddim", [1, 4, 64, 64], 4.0, speedup_vs_diffusers=70.0, latency_speedup_vs_diffusers=6.0),
+        _step("fastddim-graph", [4, 3, 256, 256], 30.0, thresholding=True),
+        _step("fastddim-graph", [4, 3, 256, 256], 2.5),
+        _step("fastddim-graph", [16, 3, 64, 64], 3.0, thresholding=True),  # no plain case: not compared
+        # Failed or skipped records (no median) count as not measured, whatever their fields say.
+        _step("fastddim", [32, 4, 1024, 512], None, pct_of_copy_bw=10.0),
+    ]
+    checks = fb.target_checks(records)
+    # Bandwidth, device time, latency, thresholded/plain, then the three loop targets (no loop records).
+    assert [check["met"] for check in checks] == [True, True, False, False, None, None, None], checks
+    assert checks[0]["measured"] == "64x4x512x512 fp16 eta 0: 95.0%"
+    assert checks[3]["measured"] == "4x3x256x256 fp16 eta 0: 12.00x"
+    assert checks[6]["measured"] == "not measured"
+
+
+def test_targets_of_the_committed_h100_run(capsys):
+    """``--targets`` reads a results.json: the committed H100 run reads as its closing notes do."""
+    path = Path(__file__).parent.parent / "bench/results/nvidia-h100-80gb-hbm3/results.json"
+    assert _run(["--targets", str(path)]) == 0
+    table = capsys.readouterr().out
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line.rstrip(" |").rsplit(" | ", 1)[1]
+        for line in table.splitlines()
+        if line.startswith("| ") and not line.startswith("| target |")
+    }
+    assert rows == {
+        "step: >= 90 % of copy bandwidth at >= 2^26 elements": "yes",
+        "step at 1x4x64x64 fp16: >= 10x diffusers eager, device time": "yes",
+        "step at 1x4x64x64 fp16: >= 10x diffusers eager, latency": "**no**",
+        "thresholded step: <= 2x a plain step (CUDA graph, device time)": "–",
+        "loop at batch 1: >= 5x diffusers' DDIMPipeline (fastddim-graph)": "yes",
+        "loop: >= 1.3x torch.compile reduce-overhead (best fastddim graph)": "**no**",
+        "loop: scheduler share <= 3 % (largest, fastddim graphs)": "yes",
+    }
+    assert _run(["--targets", "no/such/results.json"]) == 2
 
 
 def test_graph_compiled_loop_impl_on_stand_in_graphs(monkeypatch, stand_in_graphs):

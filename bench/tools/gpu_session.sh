@@ -7,41 +7,47 @@
 #   bench/tools/gpu_session.sh bench-loop  # fastddim bench --only loop (about 6 minutes on an H100)
 #   bench/tools/gpu_session.sh regression  # pytest bench/ against the committed baseline, saving this run (~2 min)
 #
+# Several phases run in turn in one call (e.g. `gpu_session.sh tests overhead`): a device machine goes back after
+# a short idle time, so fewer, fuller calls spend less device time on starting machines.
+#
 # Results go to $RESULTS (default: ${OUT:-bench-out}/<device-slug>/), ready to copy into bench/results/<device-slug>/
 # (the step and loop runs write separate results.json files under step/ and loop/: merge them as the committed
 # bench/results/nvidia-h100-80gb-hbm3/results.json was, see its "runs" and "notes"). The device's copy of the
 # repository may carry a stale .git: results.json records `git describe --dirty`, so check the commit you sent.
 set -uo pipefail
-phase=${1:?usage: gpu_session.sh tests|overhead|bench-step|bench-loop|regression}
+: "${1:?usage: gpu_session.sh PHASE... (tests, overhead, bench-step, bench-loop, regression)}"
 slug=$(python -m fastddim.benchmark --print-device-slug)
 results=${RESULTS:-${OUT:-bench-out}/$slug}
 mkdir -p "$results"
-case $phase in
-tests)
-    python -m pytest -m gpu -p no:cacheprovider -q -rs tests 2>&1 | tee "$results/gpu_tests.txt"
-    ;;
-overhead)
-    python bench/tools/profile_step_overhead.py 2>&1 | tee "$results/step_host_overhead.txt"
-    python bench/tools/threshold_split_sweep.py 2>&1 | tee "$results/threshold_split_sweep.txt"
-    ;;
-bench-step)
-    python -m fastddim.benchmark --only step --budget-s 240 --out "$results/step" 2>&1 | tail -n 80
-    ;;
-bench-loop)
-    python -m fastddim.benchmark --only loop --budget-s 420 --out "$results/loop" 2>&1 | tail -n 50
-    ;;
-regression)
-    # Compare with the newest committed run, then save this one next to copies of the committed ones (in
-    # ${OUT}/storage/<machine>/: the device tool returns files at most two folders below $OUT).
-    storage=${OUT:-bench-out}/storage
-    mkdir -p "$storage"
-    cp -r "bench/results/$slug/"*-64bit "$storage/" 2>/dev/null
-    python -m pytest bench/ -m gpu -p no:cacheprovider -q --benchmark-only --benchmark-storage="$storage" \
-        --benchmark-compare --benchmark-compare-fail=median:10% --benchmark-save=baseline \
-        --benchmark-columns=median,iqr,rounds 2>&1 | tee "$results/regression.txt" | tail -n 40
-    ;;
-*)
-    echo "unknown phase: $phase" >&2
-    exit 2
-    ;;
-esac
+for phase in "$@"; do
+    echo "== gpu_session.sh $phase ($(date -u +%H:%M:%S))"
+    case $phase in
+    tests)
+        python -m pytest -m gpu -p no:cacheprovider -q -rs tests 2>&1 | tee "$results/gpu_tests.txt"
+        ;;
+    overhead)
+        python bench/tools/profile_step_overhead.py 2>&1 | tee "$results/step_host_overhead.txt"
+        python bench/tools/threshold_split_sweep.py 2>&1 | tee "$results/threshold_split_sweep.txt"
+        ;;
+    bench-step)
+        python -m fastddim.benchmark --only step --budget-s 240 --out "$results/step" 2>&1 | tail -n 80
+        ;;
+    bench-loop)
+        python -m fastddim.benchmark --only loop --budget-s 420 --out "$results/loop" 2>&1 | tail -n 50
+        ;;
+    regression)
+        # Compare with the newest committed run, then save this one next to copies of the committed ones (in
+        # ${OUT}/storage/<machine>/: the device tool returns files at most two folders below $OUT).
+        storage=${OUT:-bench-out}/storage
+        mkdir -p "$storage"
+        cp -r "bench/results/$slug/"*-64bit "$storage/" 2>/dev/null
+        python -m pytest bench/ -m gpu -p no:cacheprovider -q --benchmark-only --benchmark-storage="$storage" \
+            --benchmark-compare --benchmark-compare-fail=median:10% --benchmark-save=baseline \
+            --benchmark-columns=median,iqr,rounds 2>&1 | tee "$results/regression.txt" | tail -n 40
+        ;;
+    *)
+        echo "unknown phase: $phase" >&2
+        exit 2
+        ;;
+    esac
+done

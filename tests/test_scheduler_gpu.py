@@ -181,10 +181,10 @@ def test_launch_hooks_see_every_eager_launch():
     counter) sees every launch, the first through Triton's dispatch and the later ones straight to the kernel."""
     import triton
 
-    enter_hook = getattr(getattr(triton, "knobs", None), "runtime", None)
-    if enter_hook is None:
+    runtime_knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime_knobs is None:
         pytest.skip("this Triton has no knobs.runtime launch hooks")
-    enter_hook = enter_hook.launch_enter_hook
+    enter_hook = runtime_knobs.launch_enter_hook
     scheduler = DDIMScheduler(**CONFIGS["thresholding"])
     scheduler.set_timesteps(10, device="cuda")
     sample = torch.randn(2, 3, 16, 16, device="cuda")

@@ -76,7 +76,8 @@ def _normalize_launch(args: tuple, tensors: tuple | None = None) -> list:
     if tensors is not None:
         start = _HOOK_ARGUMENTS.stop
         for index, tensor in enumerate(tensors, start):
-            args[index] = tensor if args[index] == tensor.data_ptr() else "wrong pointer"
+            if isinstance(args[index], int):  # (through Triton's runner the launch passes the tensor itself)
+                args[index] = tensor if args[index] == tensor.data_ptr() else "wrong pointer"
     normalized = _normalize(args)
     if _no_hooks(hooks):
         normalized[_HOOK_ARGUMENTS] = ["no hooks"] * len(hooks)
@@ -141,20 +142,19 @@ def _convention(ops) -> dict:
                 "same_arguments": len(RECORDED) == 2 and _same_launch(RECORDED[0], RECORDED[1]),
                 "direct_skips_hooks": len(RECORDED) == 2 and RECORDED[1][1][_HOOK_ARGUMENTS] == (None, None, None),
             }
-        # With a launch hook registered (as a profiler registers one), the direct launch must call it: it goes
-        # through Triton's runner, which passes the hook chains and the launch metadata they read.
-        args = cases["flat"]
-        hook = triton.knobs.runtime.launch_enter_hook
-        hook.add(_hook_stand_in)
-        try:
-            RECORDED.clear()
-            ops.launch_ddim_step(*args, traceable=False)
-        finally:
-            hook.remove(_hook_stand_in)
-        ((_, launch),) = RECORDED
-        results["hook-registered"] = {
-            "hooks_passed": launch[_HOOK_ARGUMENTS.start + 1] is hook and launch[_HOOK_ARGUMENTS.start] is not None,
-        }
+        # With a launch hook registered (as a profiler registers one), on entry or on exit, the direct launch must
+        # call it: it goes through Triton's runner, which passes the hook chains and the launch metadata they read.
+        runtime = triton.knobs.runtime
+        for position, hook in enumerate((runtime.launch_enter_hook, runtime.launch_exit_hook), 1):
+            hook.add(_hook_stand_in)
+            try:
+                RECORDED.clear()
+                ops.launch_ddim_step(*cases["flat"], traceable=False)
+            finally:
+                hook.remove(_hook_stand_in)
+            ((_, launch),) = RECORDED
+            passed = launch[_HOOK_ARGUMENTS.start + position] is hook and launch[_HOOK_ARGUMENTS.start] is not None
+            results.setdefault("hook-registered", {"hooks_passed": True})["hooks_passed"] &= passed
     return results
 
 

@@ -90,7 +90,8 @@ MIN_PROGRAMS_FOR_SHARED_HISTOGRAM = 2
 # With shared histograms, a pass counts per key (see the module docstring) when at most this many program spans'
 # worth of the row's keys match its prefix. The bound caps the worst case, every match in one bin (ties), at a span's
 # worth of atomics on one address, estimated to cost about what tl.histogram costs a program: not measured yet
-# (bench/tools/threshold_split_sweep.py compares 1 with 0, never). Tests also set a large value: always.
+# (bench/tools/threshold_split_sweep.py compares 1 and 4 with 0, never). The first pass, where every key of the row
+# matches and a few exponent bins take them all, always takes the histogram, whatever the value.
 PER_KEY_COUNT_SPANS = 1
 
 
@@ -144,7 +145,7 @@ def _threshold_launch_config(row_numel: int, dense_row: bool, batch: int = 1, ma
     # that no warp holds a replica of another's elements when tl.histogram counts them.
     num_warps = min(4 if block_size <= 1024 else 8 if block_size <= 2048 else 16, block_size // 32)
     shared_histogram = programs_per_row >= MIN_PROGRAMS_FOR_SHARED_HISTOGRAM
-    per_key_count_limit = min(int(program_span * PER_KEY_COUNT_SPANS), row_numel) if shared_histogram else 0
+    per_key_count_limit = min(int(program_span * PER_KEY_COUNT_SPANS), row_numel - 1) if shared_histogram else 0
     return _LaunchConfig(
         programs_per_row, program_span, block_size, num_warps, single_block, shared_histogram, per_key_count_limit
     )

@@ -348,9 +348,10 @@ def test_shared_histogram_protocol(table, monkeypatch, streamed, case, counting)
     # threshold lowered to C = 1 the kernel still runs the whole protocol: atomics into scratch, the barrier, the
     # row-wide histogram read back, the scratch cleared behind. Several launches on one scratch check that each
     # leaves it as it found it (a stale histogram or counter would change the next result).
-    # Passes count with tl.histogram, with an atomic per matching key, or mixed: with a limit of 32 of 189 keys, the
-    # first pass takes the histogram, the second either (22-65 keys share a row's top digit, so rows of one launch
-    # differ), the last two count per key, except on the ties' rows (75-94 keys in one bin), which never do.
+    # Passes count with tl.histogram; per key from the second pass on (the first, with every key matching, always
+    # takes the histogram: the limit is capped at 188 of 189); or mixed: with a limit of 32, the second pass either
+    # way (22-65 keys share a row's top digit, so rows of one launch differ), the last two per key, except on the
+    # ties' rows (75-94 keys in one bin), which never count per key.
     monkeypatch.setattr(threshold, "MIN_PROGRAMS_FOR_SHARED_HISTOGRAM", 1)
     monkeypatch.setattr(threshold, "PER_KEY_COUNT_SPANS", {"histogram": 0, "per_key": 1, "mixed": 0.17}[counting])
     monkeypatch.setattr(threshold, "_scratch_buffers", {})
@@ -381,6 +382,10 @@ def test_launch_config_splits_rows_over_the_sms():
         assert config.shared_histogram == (config.programs_per_row > 1)
         # Later passes may count per key only through shared bins, at most a span's worth of keys.
         assert config.per_key_count_limit == (config.program_span if config.shared_histogram else 0)
+    # Never the first pass (all row_numel keys match there), whatever the bound.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(threshold, "PER_KEY_COUNT_SPANS", 1 << 30)
+        assert threshold._threshold_launch_config(16384, True, 33, 132).per_key_count_limit == 16383
         if config.shared_histogram:
             # Powers of two from MIN_PROGRAM_SPAN, or whole chunks: each span starts 16-byte aligned.
             assert config.program_span % 64 == 0
@@ -542,8 +547,8 @@ def test_gpu_rows_split_over_programs(table, monkeypatch, shape, counting):
     # Rows split into C programs that meet at barriers: register spans, streamed spans (2^22 elements: 32768 per
     # program), a partial last span. Each case runs several launches on one scratch, with ties, a NaN row, an inf
     # and a strided layout, so a race, a stale histogram or a counter out of step shows as a wrong bit. The passes
-    # count by the default rule, always by tl.histogram, or always per key (every key of the row: ties pile up
-    # thousands of atomics on one bin).
+    # count by the default rule, always by tl.histogram, or per key from the second pass on (ties then pile
+    # thousands of atomics onto one bin).
     monkeypatch.setattr(threshold, "PER_KEY_COUNT_SPANS", {"default": 1, "histogram": 0, "per_key": 1 << 30}[counting])
     config = threshold._threshold_launch_config(
         torch.Size(shape[1:]).numel(), True, shape[0], threshold._max_resident_programs(torch.device(DEVICE))

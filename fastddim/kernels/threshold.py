@@ -79,9 +79,10 @@ def _radix_pass_block(
 ):
     """Adds one block of keys to a radix pass: histogram of digit (keys >> SHIFT) & 0xFF among prefix matches.
 
-    tl.histogram costs tens of instructions per key whether or not the key matches. Once few keys of the row match
-    the prefix (typical from the second pass on), a global atomic per matching key costs less, and the row-wide
-    histogram in scratch is the same either way.
+    tl.histogram costs tens of instructions per key whether or not the key matches (Triton 3.6). Once few keys of the
+    row match the prefix (typical from the second pass on), a global atomic per matching key should cost less, though
+    every key still pays a layout conversion of its bin pointer for the atomic (timed by
+    bench/tools/threshold_split_sweep.py); the row-wide histogram in scratch is the same either way.
     """
     if SHIFT == 24:
         # Top digit: every key matches the empty prefix (and a shift by 32 would be undefined).

@@ -201,9 +201,10 @@ def test_launch_hooks_see_every_eager_launch():
     assert torch.equal(scheduler.step(sample * 0.5, scheduler.timesteps[0], sample).prev_sample, expected)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_step_on_a_device_that_is_not_current():
     """Launches go to the samples' device whatever device is current, and leave the current device as it was."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
     results = []
     for device in ("cuda:0", "cuda:1"):
         scheduler = DDIMScheduler(**CONFIGS["thresholding"])

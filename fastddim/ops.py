@@ -248,7 +248,7 @@ def _launch_compiled(
     The launch also skips what Triton's runner does per call for launch hooks: it builds launch metadata and has
     the driver call the enter and exit hook chains, which are empty unless a profiler registers a hook. While they
     are empty it passes none (what the runner passes when there are no hooks at all); otherwise it uses the runner.
-    The caller holds the device current (``device_guard``), so the device's current stream is the runner's stream.
+    The caller holds the device current (``_device_guard``), so the device's current stream is the runner's stream.
     It passes the tensors' data pointers as integers: for a tensor, the launcher calls ``data_ptr()`` and asks the
     CUDA driver whether the pointer is device-accessible (``cuPointerGetAttribute``), once per tensor argument and
     launch, a check the scheduler's validation (same CUDA device for every tensor) already makes.
@@ -282,9 +282,32 @@ def _launch_compiled(
 _CudaDeviceGuard = getattr(torch.cuda, "_DeviceGuard", None) or torch.cuda.device
 
 
-def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+def _device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """Makes ``tensor``'s CUDA device current for a launch (and restores the previous one); a no-op off CUDA."""
     return _CudaDeviceGuard(tensor.device.index) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def launch(
+    kernel: triton.JITFunction,
+    grid: tuple[int, ...],
+    tensors: tuple[torch.Tensor, ...],
+    scalars: tuple,
+    meta: dict,
+    constexpr_values: tuple | None,
+    launchers: dict,
+    traceable: bool,
+) -> None:
+    """Launches ``kernel[grid](*tensors, *scalars, **meta)`` on the tensors' device (one device: callers check it),
+    one of three ways: through ``torch.library.wrap_triton`` when ``traceable`` (torch.compile), through Triton's
+    dispatch where compiled kernels cannot be launched directly (the interpreter), else ``_launch_compiled``."""
+    device_index = None if traceable or constexpr_values is None else _direct_launch_device(tensors[0])
+    with _device_guard(tensors[0]):
+        if traceable:
+            torch.library.wrap_triton(kernel)[grid](*tensors, *scalars, **meta)
+        elif device_index is None:
+            kernel[grid](*tensors, *scalars, **meta)
+        else:
+            _launch_compiled(kernel, grid, tensors, scalars, meta, constexpr_values, launchers, device_index)
 
 
 _STEP_FLAG_NAMES = (
@@ -433,23 +456,7 @@ def launch_ddim_step(
         threshold_scale if threshold_scale is not None else placeholder,
     )
     scalars = (timestep, coef_table.shape[0], clip_sample_range, *plan.layout_args)
-    device_index = None if traceable or plan.constexpr_values is None else _direct_launch_device(sample)
-    with device_guard(sample):
-        if traceable:
-            torch.library.wrap_triton(plan.kernel)[plan.grid](*tensors, *scalars, **plan.meta)
-        elif device_index is None:
-            plan.kernel[plan.grid](*tensors, *scalars, **plan.meta)
-        else:
-            _launch_compiled(
-                plan.kernel,
-                plan.grid,
-                tensors,
-                scalars,
-                plan.meta,
-                plan.constexpr_values,
-                plan.launchers,
-                device_index,
-            )
+    launch(plan.kernel, plan.grid, tensors, scalars, plan.meta, plan.constexpr_values, plan.launchers, traceable)
     return prev_sample, pred_original
 
 

@@ -358,23 +358,16 @@ def launch_dynamic_threshold_scale(
     )
     scalars = (timestep, coef_table.shape[0], *plan.row_args, float(sample_max_value), *plan.layout_args)
     grid = (batch, config.programs_per_row)
-    device_index = None if traceable or plan.constexpr_values is None else ops._direct_launch_device(sample)
-    with ops.device_guard(sample):
-        if traceable:
-            torch.library.wrap_triton(_dynamic_threshold_scale_kernel)[grid](*tensors, *scalars, **plan.meta)
-        elif device_index is None:
-            _dynamic_threshold_scale_kernel[grid](*tensors, *scalars, **plan.meta)
-        else:
-            ops._launch_compiled(
-                _dynamic_threshold_scale_kernel,
-                grid,
-                tensors,
-                scalars,
-                plan.meta,
-                plan.constexpr_values,
-                plan.launchers,
-                device_index,
-            )
+    ops.launch(
+        _dynamic_threshold_scale_kernel,
+        grid,
+        tensors,
+        scalars,
+        plan.meta,
+        plan.constexpr_values,
+        plan.launchers,
+        traceable,
+    )
     return scale
 
 

@@ -17,10 +17,8 @@ import torch
 import triton
 from triton.runtime.driver import driver as triton_driver
 
-from fastddim.kernels.ddim_step import _ddim_step_flat_kernel, _ddim_step_kernel
-
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-NUM_COEFS = 8
+from fastddim.kernels.ddim_step import ddim_step_flat_kernel, ddim_step_kernel
+from fastddim.utils import BoundedCache
 
 NOISE_NONE = 0
 NOISE_TENSOR = 1
@@ -34,58 +32,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def build_coefficient_table(
-    alphas_cumprod: torch.Tensor,
-    final_alpha_cumprod: torch.Tensor,
-    num_inference_steps: int,
-    eta: float,
-) -> torch.Tensor:
-    """Per-timestep DDIM coefficients, one row per training timestep t, computed on the CPU in fp32.
-
-    Row t holds the scalars diffusers' ``DDIMScheduler.step`` derives for timestep t, previous timestep
-    t - num_train_timesteps // num_inference_steps and this ``eta``, each by the same fp32 torch operations in the
-    same order (diffusers computes them on CPU 0-dim tensors), so a kernel reading the row reproduces diffusers bit
-    for bit. One deliberate difference: the radicand 1 - alpha_prev - sigma^2 is clamped at 0. It is >= 0 in exact
-    arithmetic for 0 <= eta <= 1, but rounds below 0 with a zero terminal SNR, where diffusers returns NaN.
-
-    Columns (see ``fastddim/kernels/ddim_step.py``): sqrt(alpha_t), sqrt(1 - alpha_t), sqrt(alpha_prev), sigma_t,
-    sqrt(1 - alpha_prev - sigma_t^2), the fp32 reciprocals 1 / sqrt(alpha_t) and 1 / sqrt(1 - alpha_t) (PyTorch
-    divides a CUDA tensor by a CPU scalar by multiplying with the reciprocal), and a zero pad (rows of 32 bytes).
-
-    Args:
-        alphas_cumprod (`torch.Tensor`): fp32 [T] cumulative products of alphas.
-        final_alpha_cumprod (`torch.Tensor`): fp32 0-dim alpha used where the previous timestep is negative.
-        num_inference_steps (`int`): N, which fixes the stride T // N to the previous timestep.
-        eta (`float`): the DDIM eta >= 0 of eq. (16).
-
-    Returns:
-        `torch.Tensor`: fp32 [T, 8] CPU table.
-    """
-    alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float32)
-    final_alpha_cumprod = final_alpha_cumprod.detach().to("cpu", torch.float32)
-    num_train_timesteps = alphas_cumprod.shape[0]
-    prev_timesteps = torch.arange(num_train_timesteps) - num_train_timesteps // num_inference_steps
-    alpha_prod_t = alphas_cumprod
-    alpha_prod_prev = torch.where(
-        prev_timesteps >= 0, alphas_cumprod[prev_timesteps.clamp(min=0)], final_alpha_cumprod
-    )
-    beta_prod_t = 1 - alpha_prod_t
-    beta_prod_prev = 1 - alpha_prod_prev
-    # DDIM eq. (16) without eta, in diffusers' `_get_variance` operation order.
-    variance = (beta_prod_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
-    std_dev_t = eta * variance**0.5
-    table = torch.zeros(num_train_timesteps, NUM_COEFS, dtype=torch.float32)
-    table[:, 0] = alpha_prod_t**0.5
-    table[:, 1] = beta_prod_t**0.5
-    table[:, 2] = alpha_prod_prev**0.5
-    table[:, 3] = std_dev_t
-    table[:, 4] = (beta_prod_prev - std_dev_t**2).clamp(min=0) ** 0.5
-    table[:, 5] = 1.0 / table[:, 0]
-    table[:, 6] = 1.0 / table[:, 1]
-    return table
-
-
-def _coalesce_layout(
+def coalesce_layout(
     shape: tuple[int, ...], strides: list[tuple[int, ...]]
 ) -> tuple[list[int], list[list[int]]] | None:
     """Express tensors of one logical shape as a [B, D1, D2, D3] strided view shared by all of them.
@@ -117,7 +64,7 @@ def _coalesce_layout(
     return out_sizes, out_strides
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The strides of a contiguous tensor of this shape (what ``.contiguous()`` copies into)."""
     return tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
 
@@ -157,7 +104,7 @@ class _StepPlan(NamedTuple):
     launchers: dict
 
 
-def _constexpr_values(kernel: object, meta: dict) -> tuple | None:
+def constexpr_values(kernel: object, meta: dict) -> tuple | None:
     if not isinstance(kernel, triton.runtime.jit.JITFunction):
         return None
     names = [param.name for param in kernel.params if param.is_constexpr]
@@ -322,8 +269,7 @@ _STEP_FLAG_NAMES = (
 
 # Launch plans by signature. An eager step's host time is what bounds a small-batch step (the GPU work is a few
 # microseconds), so the layout analysis runs once per signature instead of on every call.
-_STEP_PLANS: dict[tuple, _StepPlan] = {}
-_MAX_STEP_PLANS = 256
+STEP_PLANS: BoundedCache[tuple, _StepPlan] = BoundedCache(256)
 
 
 def _plan_step(
@@ -334,11 +280,11 @@ def _plan_step(
 ) -> _StepPlan:
     """Builds the launch plan for tensors (model_output, sample, noise, prev_sample) of these strides."""
     make_contiguous = False
-    layout = _coalesce_layout(shape, strides)
+    layout = coalesce_layout(shape, strides)
     if layout is None:
         # More than four non-mergeable dims: copy to the output's layout once (rare; e.g. a permuted 6-D video).
         make_contiguous = True
-        layout = _coalesce_layout(shape, [_contiguous_strides(shape)] * len(strides))
+        layout = coalesce_layout(shape, [contiguous_strides(shape)] * len(strides))
     sizes, (stride_mo, stride_s, stride_n, stride_out) = layout
     batch = sizes[0]
     block_size, num_warps = _launch_config(numel)
@@ -350,11 +296,11 @@ def _plan_step(
         and dense_out
         and (batch == 1 or stride_out[0] * batch == numel)
     ):
-        kernel, layout_args = _ddim_step_flat_kernel, (numel, numel // batch)
+        kernel, layout_args = ddim_step_flat_kernel, (numel, numel // batch)
     else:
-        kernel = _ddim_step_kernel
+        kernel = ddim_step_kernel
         layout_args = (numel, sizes[1], sizes[2], sizes[3], *stride_mo, *stride_s, *stride_n, *stride_out)
-    return _StepPlan(kernel, grid, layout_args, meta, make_contiguous, _constexpr_values(kernel, meta), {})
+    return _StepPlan(kernel, grid, layout_args, meta, make_contiguous, constexpr_values(kernel, meta), {})
 
 
 def launch_ddim_step(
@@ -425,7 +371,7 @@ def launch_ddim_step(
     )
     # Whether kernels are interpreted is fixed when they are decorated (at import), so it needs no place in the key.
     key = None if traceable else (shape, strides, flags)
-    plan = None if key is None else _STEP_PLANS.get(key)
+    plan = None if key is None else STEP_PLANS.get(key)
     if plan is None:
         # Traced launches (torch.compile) plan every time: tracing runs once per graph, and symbolic sizes there are
         # not hashable.
@@ -435,9 +381,7 @@ def launch_ddim_step(
         meta = dict(zip(_STEP_FLAG_NAMES, flags, strict=True))
         plan = _plan_step(tuple(shape) if len(shape) else (1,), layouts, numel, meta)
         if key is not None:
-            if len(_STEP_PLANS) >= _MAX_STEP_PLANS:
-                _STEP_PLANS.clear()
-            _STEP_PLANS[key] = plan
+            STEP_PLANS.put(key, plan)
     if plan.make_contiguous:
         model_output, sample = model_output.contiguous(), sample.contiguous()
         noise = noise.contiguous() if noise_mode == NOISE_TENSOR else None

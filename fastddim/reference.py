@@ -1,15 +1,132 @@
-"""Pure-PyTorch twin of the fused DDIM step kernel (``fastddim/kernels/ddim_step.py``).
+"""Pure-PyTorch twins of fastddim's kernels (``fastddim/kernels/``); imports no Triton code.
 
-It is the CPU backend of ``fastddim.DDIMScheduler`` and the oracle of the kernel tests. It reads the same per-timestep
-coefficient row (``fastddim.ops.build_coefficient_table``) and performs the same fp32 (or fp64) operations in the same
+- ``build_coefficient_table``: the per-timestep scalars every step reads, kernel and twin alike (one source of truth).
+- ``ddim_step_ref``: the fused DDIM step. It is the CPU backend of ``fastddim.DDIMScheduler`` and the oracle of the
+  kernel tests.
+- ``dynamic_threshold_scale_ref`` and ``quantile_rank``: dynamic thresholding's per-sample scale (the twin of
+  ``fastddim/kernels/threshold.py``; the algorithm is described in ``fastddim/threshold.py``).
+
+``ddim_step_ref`` reads one coefficient row and performs the same fp32 (or fp64) operations in the same
 order as diffusers' eager ``DDIMScheduler.step``, so fp32/fp64 results are bit-identical to diffusers. It writes into
 its own temporaries in place, so it makes fewer passes and allocations than diffusers' chain of out-of-place ops.
 """
 
+import math
+
+import numpy as np
 import torch
 
-from fastddim.ops import PREDICTION_TYPES
-from fastddim.threshold import dynamic_threshold_scale_ref
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+NUM_COEFS = 8
+
+
+def build_coefficient_table(
+    alphas_cumprod: torch.Tensor,
+    final_alpha_cumprod: torch.Tensor,
+    num_inference_steps: int,
+    eta: float,
+) -> torch.Tensor:
+    """Per-timestep DDIM coefficients, one row per training timestep t, computed on the CPU in fp32.
+
+    Row t holds the scalars diffusers' ``DDIMScheduler.step`` derives for timestep t, previous timestep
+    t - num_train_timesteps // num_inference_steps and this ``eta``, each by the same fp32 torch operations in the
+    same order (diffusers computes them on CPU 0-dim tensors), so a kernel reading the row reproduces diffusers bit
+    for bit. One deliberate difference: the radicand 1 - alpha_prev - sigma^2 is clamped at 0. It is >= 0 in exact
+    arithmetic for 0 <= eta <= 1, but rounds below 0 with a zero terminal SNR, where diffusers returns NaN.
+
+    Columns (see ``fastddim/kernels/ddim_step.py``): sqrt(alpha_t), sqrt(1 - alpha_t), sqrt(alpha_prev), sigma_t,
+    sqrt(1 - alpha_prev - sigma_t^2), the fp32 reciprocals 1 / sqrt(alpha_t) and 1 / sqrt(1 - alpha_t) (PyTorch
+    divides a CUDA tensor by a CPU scalar by multiplying with the reciprocal), and a zero pad (rows of 32 bytes).
+
+    Args:
+        alphas_cumprod (`torch.Tensor`): fp32 [T] cumulative products of alphas.
+        final_alpha_cumprod (`torch.Tensor`): fp32 0-dim alpha used where the previous timestep is negative.
+        num_inference_steps (`int`): N, which fixes the stride T // N to the previous timestep.
+        eta (`float`): the DDIM eta >= 0 of eq. (16).
+
+    Returns:
+        `torch.Tensor`: fp32 [T, 8] CPU table.
+    """
+    alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float32)
+    final_alpha_cumprod = final_alpha_cumprod.detach().to("cpu", torch.float32)
+    num_train_timesteps = alphas_cumprod.shape[0]
+    prev_timesteps = torch.arange(num_train_timesteps) - num_train_timesteps // num_inference_steps
+    alpha_prod_t = alphas_cumprod
+    alpha_prod_prev = torch.where(
+        prev_timesteps >= 0, alphas_cumprod[prev_timesteps.clamp(min=0)], final_alpha_cumprod
+    )
+    beta_prod_t = 1 - alpha_prod_t
+    beta_prod_prev = 1 - alpha_prod_prev
+    # DDIM eq. (16) without eta, in diffusers' `_get_variance` operation order.
+    variance = (beta_prod_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+    std_dev_t = eta * variance**0.5
+    table = torch.zeros(num_train_timesteps, NUM_COEFS, dtype=torch.float32)
+    table[:, 0] = alpha_prod_t**0.5
+    table[:, 1] = beta_prod_t**0.5
+    table[:, 2] = alpha_prod_prev**0.5
+    table[:, 3] = std_dev_t
+    table[:, 4] = (beta_prod_prev - std_dev_t**2).clamp(min=0) ** 0.5
+    table[:, 5] = 1.0 / table[:, 0]
+    table[:, 6] = 1.0 / table[:, 1]
+    return table
+
+
+def quantile_rank(row_numel: int, ratio: float, dtype: torch.dtype = torch.float32) -> tuple[int, float]:
+    """``torch.quantile``'s interpolation rank for a row of ``row_numel`` >= 1 elements, evaluated in ``dtype``.
+
+    Args:
+        row_numel (`int`): n, the number of elements per row.
+        ratio (`float`): the quantile q in [0, 1].
+        dtype (`torch.dtype`): the dtype of the row (fp32 or fp64), in which ``torch.quantile`` computes the rank.
+
+    Returns:
+        `tuple`: (lo, w) with lo = floor(r) clamped to n - 1 and w = r - floor(r), r = dtype(q) * dtype(n - 1).
+    """
+    real = np.float64 if dtype == torch.float64 else np.float32
+    rank = real(ratio) * real(row_numel - 1)
+    lo = math.floor(rank)
+    if lo >= row_numel - 1:
+        # r = n - 1 exactly (ratio 1), or r > n - 1 when fp32(n - 1) rounds up (n > 2^24 + 1), where torch would
+        # index past the row: both take the last element.
+        return row_numel - 1, 0.0
+    return lo, float(rank - real(lo))
+
+
+def dynamic_threshold_scale_ref(
+    pred_original_sample: torch.Tensor, ratio: float, sample_max_value: float
+) -> torch.Tensor:
+    """Pure-PyTorch twin of ``dynamic_threshold_scale``, given x_0: diffusers' ``_threshold_sample`` scale s.
+
+    Bit-identical to diffusers' ``torch.quantile`` (the tests check it against ``torch.quantile`` directly), but by
+    selection instead of a sort: ``torch.quantile`` sorts every row to read two order statistics, while two
+    ``kthvalue`` calls (quickselect, O(n)) find the same two values, 4-7x faster on the CPU; they are then
+    interpolated by ``torch.lerp``, the op ``torch.quantile`` itself interpolates with. Unlike diffusers it accepts
+    any rank >= 1 (diffusers' ``np.prod`` of the trailing dims breaks 2-D samples) and empty rows (NaN scale).
+
+    Args:
+        pred_original_sample (`torch.Tensor`): x_0, batch first; upcast to fp32 unless fp64.
+        ratio (`float`): the quantile of |x_0| per sample, in (0, 1].
+        sample_max_value (`float`): upper clamp of s.
+
+    Returns:
+        `torch.Tensor`: [B] s = clamp(quantile(|x_0[b]|, ratio), min=1, max=sample_max_value), fp32 (fp64 for fp64).
+    """
+    x = pred_original_sample
+    if x.dtype not in (torch.float32, torch.float64):
+        # diffusers upcasts for torch.quantile, which needs fp32/fp64 (diffusers #1349).
+        x = x.float()
+    abs_rows = x.reshape(x.shape[0], -1).abs()
+    row_numel = abs_rows.shape[1]
+    if row_numel == 0:
+        return torch.full((abs_rows.shape[0],), float("nan"), dtype=abs_rows.dtype, device=abs_rows.device)
+    rank_lo, rank_weight = quantile_rank(row_numel, ratio, abs_rows.dtype)
+    below = abs_rows.kthvalue(rank_lo + 1, dim=1).values
+    # torch.quantile takes the element at ceil(rank): the same one when the weight is 0.
+    above = abs_rows.kthvalue(rank_lo + 2, dim=1).values if rank_weight > 0 else below
+    scale = below.lerp(above, torch.full_like(below, rank_weight))
+    # As torch.quantile: a row holding a NaN has a NaN quantile.
+    scale = scale.masked_fill(abs_rows.isnan().any(dim=1), float("nan"))
+    return torch.clamp(scale, min=1, max=sample_max_value)
 
 
 def _broadcast_per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 It subclasses ``diffusers.DDIMScheduler`` (pipelines check ``isinstance``), keeps its constructor, config, attributes
 and outputs, and replaces ``set_timesteps`` and ``step``:
 
-- ``step`` reads the per-timestep scalars from a small device table (``fastddim.ops.build_coefficient_table``) instead
+- ``step`` reads the per-timestep scalars from a small device table (``fastddim.reference.build_coefficient_table``) instead
   of indexing ``alphas_cumprod`` and branching on the previous timestep, so it never synchronizes with the host and a
   step can be captured in a CUDA graph. On CUDA tensors it is one Triton launch (two with dynamic thresholding).
 - On CPU tensors it runs the PyTorch twin (``fastddim/reference.py``): same numbers, fewer passes.
@@ -26,9 +26,10 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from fastddim import ops
+from fastddim import ops, reference
 from fastddim.reference import ddim_step_ref
 from fastddim.threshold import dynamic_threshold_scale, launch_dynamic_threshold_scale
+from fastddim.utils import normalize_device
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -221,13 +222,11 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         if last is not None and last[0] == device and last[1] == eta and last[2] == self.num_inference_steps:
             # The common case of a loop: same device, eta and N as the previous step.
             return last[3]
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = normalize_device(device)
         key = (self.num_inference_steps, float(eta), device)
         table = self._coef_tables.get(key)
         if table is None:
-            table = ops.build_coefficient_table(
+            table = reference.build_coefficient_table(
                 self._alphas_cumprod_cpu, self._final_alpha_cumprod_cpu, self.num_inference_steps, float(eta)
             ).to(device)
             if len(self._coef_tables) >= 16:
@@ -344,7 +343,7 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                 # Drawn by a device op from the default generator: reproducible under torch.manual_seed and advanced
                 # on every CUDA-graph replay, so replays get fresh noise.
                 seed = torch.randint(0, 2**62, (1,), device=sample.device, dtype=torch.int64)
-            prediction_index = ops.PREDICTION_TYPES.index(prediction_type)
+            prediction_index = reference.PREDICTION_TYPES.index(prediction_type)
             # Under torch.compile the registered ops keep the graph whole; eagerly the plain launchers skip the
             # custom-op dispatcher.
             compiling = torch.compiler.is_compiling()
@@ -438,8 +437,10 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
 def _check_step_config(
     prediction_type: object, timestep_spacing: object, dynamic_thresholding_ratio: object, sample_max_value: object
 ) -> None:
-    if prediction_type not in ops.PREDICTION_TYPES:
-        raise UnsupportedConfigError(f"prediction_type must be one of {ops.PREDICTION_TYPES}, got {prediction_type!r}")
+    if prediction_type not in reference.PREDICTION_TYPES:
+        raise UnsupportedConfigError(
+            f"prediction_type must be one of {reference.PREDICTION_TYPES}, got {prediction_type!r}"
+        )
     if timestep_spacing not in TIMESTEP_SPACINGS:
         raise UnsupportedConfigError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
     if not _is_real(dynamic_thresholding_ratio) or not 0 < dynamic_thresholding_ratio <= 1:

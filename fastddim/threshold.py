@@ -41,42 +41,23 @@ counter counts generations instead of being reset.
 import math
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import triton
 
 from fastddim import ops
-from fastddim.kernels.threshold import _SCRATCH_STRIDE, _dynamic_threshold_scale_kernel
-from fastddim.ops import PREDICTION_TYPES, _coalesce_layout, _constexpr_values, _contiguous_strides
+from fastddim.kernels import threshold as threshold_kernels
+from fastddim.kernels.threshold import dynamic_threshold_scale_kernel
+from fastddim.ops import coalesce_layout, constexpr_values, contiguous_strides
+from fastddim.reference import PREDICTION_TYPES, quantile_rank
+from fastddim.utils import BoundedCache
 
 # Rows up to this many elements stay in registers (16 warps x 32 keys per thread); longer rows are streamed.
 REGISTER_ROW_LIMIT = 16384
-SCRATCH_STRIDE = _SCRATCH_STRIDE.value
+SCRATCH_STRIDE = threshold_kernels.SCRATCH_STRIDE.value
 # Elements per iteration of the streamed path for dense rows, and for strided rows, whose int64 div/mod address
 # arithmetic needs more registers (8192 spills there at 16 warps on sm_90).
 CHUNK_SIZE = 8192
 STRIDED_CHUNK_SIZE = 4096
-
-
-def quantile_rank(row_numel: int, ratio: float, dtype: torch.dtype = torch.float32) -> tuple[int, float]:
-    """``torch.quantile``'s interpolation rank for a row of ``row_numel`` >= 1 elements, evaluated in ``dtype``.
-
-    Args:
-        row_numel (`int`): n, the number of elements per row.
-        ratio (`float`): the quantile q in [0, 1].
-        dtype (`torch.dtype`): the dtype of the row (fp32 or fp64), in which ``torch.quantile`` computes the rank.
-
-    Returns:
-        `tuple`: (lo, w) with lo = floor(r) clamped to n - 1 and w = r - floor(r), r = dtype(q) * dtype(n - 1).
-    """
-    real = np.float64 if dtype == torch.float64 else np.float32
-    rank = real(ratio) * real(row_numel - 1)
-    lo = math.floor(rank)
-    if lo >= row_numel - 1:
-        # r = n - 1 exactly (ratio 1), or r > n - 1 when fp32(n - 1) rounds up (n > 2^24 + 1), where torch would
-        # index past the row: both take the last element.
-        return row_numel - 1, 0.0
-    return lo, float(rank - real(lo))
 
 
 # The fewest elements a program of a split row gets (a power of two: spans are powers of two from it, or multiples of
@@ -203,7 +184,7 @@ def _row_layout(
         if _inner_layout(shape, stride_mo) == inner:
             row_numel = expected
             return True, [batch, 1, 1, row_numel], [stride_mo[0], 0, 0, 1], [stride_s[0], 0, 0, 1]
-    layout = _coalesce_layout(shape, [stride_mo, stride_s])
+    layout = coalesce_layout(shape, [stride_mo, stride_s])
     if layout is None:
         return None
     sizes, (coalesced_mo, coalesced_s) = layout
@@ -222,8 +203,7 @@ class _ThresholdPlan(NamedTuple):
     launchers: dict  # compiled kernels' launchers by fastddim.ops._launcher_key
 
 
-_THRESHOLD_PLANS: dict[tuple, _ThresholdPlan] = {}
-_MAX_THRESHOLD_PLANS = 256
+THRESHOLD_PLANS: BoundedCache[tuple, _ThresholdPlan] = BoundedCache(256)
 
 
 def _plan_threshold(
@@ -243,7 +223,7 @@ def _plan_threshold(
     if layout is None:
         # More than three non-mergeable inner dims (e.g. a permuted 6-D tensor): copy once (rare).
         make_contiguous = True
-        contiguous = _contiguous_strides(shape)
+        contiguous = contiguous_strides(shape)
         layout = _row_layout(shape, contiguous, contiguous)
     dense_row, sizes, coalesced_mo, coalesced_s = layout
     config = _threshold_launch_config(row_numel, dense_row, batch, max_programs)
@@ -276,7 +256,7 @@ def _plan_threshold(
         ),
         (*sizes[1:], *coalesced_mo, *coalesced_s),
         meta,
-        _constexpr_values(_dynamic_threshold_scale_kernel, meta),
+        constexpr_values(dynamic_threshold_scale_kernel, meta),
         {},
     )
 
@@ -302,10 +282,10 @@ def launch_dynamic_threshold_scale(
     Args:
         model_output (`torch.Tensor`): the denoiser output, rank >= 1 with the batch first, fp16/bf16/fp32.
         sample (`torch.Tensor`): x_t, same shape and dtype as ``model_output`` (any strides).
-        coef_table (`torch.Tensor`): fp32 [T, 8] table from ``fastddim.ops.build_coefficient_table`` on the device.
+        coef_table (`torch.Tensor`): fp32 [T, 8] table from ``fastddim.reference.build_coefficient_table`` on the device.
         timestep_tensor (`torch.Tensor`, *optional*): 0-dim int timestep on the device; if None, ``timestep`` is used.
         timestep (`int`): the timestep when ``timestep_tensor`` is None.
-        prediction_type (`int`): index into ``fastddim.ops.PREDICTION_TYPES``.
+        prediction_type (`int`): index into ``fastddim.reference.PREDICTION_TYPES``.
         ratio (`float`): the quantile of |x_0|, in (0, 1] (validated by the scheduler).
         sample_max_value (`float`): upper clamp of s, > 0 (validated by the scheduler).
         traceable (`bool`): launch through ``torch.library.wrap_triton`` (what the registered op does, for
@@ -331,14 +311,12 @@ def launch_dynamic_threshold_scale(
     max_programs = 1 if traceable else _max_resident_programs(sample.device)
     signature = (shape, stride_mo, stride_s, prediction_type, ratio, timestep_tensor is not None, sample.is_cuda)
     key = None if traceable else (*signature, max_programs)
-    plan = None if key is None else _THRESHOLD_PLANS.get(key)
+    plan = None if key is None else THRESHOLD_PLANS.get(key)
     if plan is None:
         # Traced launches plan every time, as in fastddim.ops.launch_ddim_step.
         plan = _plan_threshold(*signature, max_programs)
         if key is not None:
-            if len(_THRESHOLD_PLANS) >= _MAX_THRESHOLD_PLANS:
-                _THRESHOLD_PLANS.clear()
-            _THRESHOLD_PLANS[key] = plan
+            THRESHOLD_PLANS.put(key, plan)
     if plan.make_contiguous:
         model_output, sample = model_output.contiguous(), sample.contiguous()
 
@@ -359,7 +337,7 @@ def launch_dynamic_threshold_scale(
     scalars = (timestep, coef_table.shape[0], *plan.row_args, float(sample_max_value), *plan.layout_args)
     grid = (batch, config.programs_per_row)
     ops.launch(
-        _dynamic_threshold_scale_kernel,
+        dynamic_threshold_scale_kernel,
         grid,
         tensors,
         scalars,
@@ -375,40 +353,3 @@ def launch_dynamic_threshold_scale(
 dynamic_threshold_scale = torch.library.triton_op("fastddim::dynamic_threshold_scale", mutates_args={})(
     launch_dynamic_threshold_scale
 )
-
-
-def dynamic_threshold_scale_ref(
-    pred_original_sample: torch.Tensor, ratio: float, sample_max_value: float
-) -> torch.Tensor:
-    """Pure-PyTorch twin of ``dynamic_threshold_scale``, given x_0: diffusers' ``_threshold_sample`` scale s.
-
-    Bit-identical to diffusers' ``torch.quantile`` (the tests check it against ``torch.quantile`` directly), but by
-    selection instead of a sort: ``torch.quantile`` sorts every row to read two order statistics, while two
-    ``kthvalue`` calls (quickselect, O(n)) find the same two values, 4-7x faster on the CPU; they are then
-    interpolated by ``torch.lerp``, the op ``torch.quantile`` itself interpolates with. Unlike diffusers it accepts
-    any rank >= 1 (diffusers' ``np.prod`` of the trailing dims breaks 2-D samples) and empty rows (NaN scale).
-
-    Args:
-        pred_original_sample (`torch.Tensor`): x_0, batch first; upcast to fp32 unless fp64.
-        ratio (`float`): the quantile of |x_0| per sample, in (0, 1].
-        sample_max_value (`float`): upper clamp of s.
-
-    Returns:
-        `torch.Tensor`: [B] s = clamp(quantile(|x_0[b]|, ratio), min=1, max=sample_max_value), fp32 (fp64 for fp64).
-    """
-    x = pred_original_sample
-    if x.dtype not in (torch.float32, torch.float64):
-        # diffusers upcasts for torch.quantile, which needs fp32/fp64 (diffusers #1349).
-        x = x.float()
-    abs_rows = x.reshape(x.shape[0], -1).abs()
-    row_numel = abs_rows.shape[1]
-    if row_numel == 0:
-        return torch.full((abs_rows.shape[0],), float("nan"), dtype=abs_rows.dtype, device=abs_rows.device)
-    rank_lo, rank_weight = quantile_rank(row_numel, ratio, abs_rows.dtype)
-    below = abs_rows.kthvalue(rank_lo + 1, dim=1).values
-    # torch.quantile takes the element at ceil(rank): the same one when the weight is 0.
-    above = abs_rows.kthvalue(rank_lo + 2, dim=1).values if rank_weight > 0 else below
-    scale = below.lerp(above, torch.full_like(below, rank_weight))
-    # As torch.quantile: a row holding a NaN has a NaN quantile.
-    scale = scale.masked_fill(abs_rows.isnan().any(dim=1), float("nan"))
-    return torch.clamp(scale, min=1, max=sample_max_value)

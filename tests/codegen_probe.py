@@ -117,9 +117,8 @@ def _capture(launcher_name: str, module, kernel_names: tuple[str, ...], args: tu
     launches: list = []
     originals = {name: getattr(module, name) for name in kernel_names}
     # Launch plans hold the kernel object they were planned with: plan afresh with the stand-ins.
-    ops_plans = dict(module._STEP_PLANS) if hasattr(module, "_STEP_PLANS") else None
-    if ops_plans is not None:
-        module._STEP_PLANS.clear()
+    plans = module.STEP_PLANS if hasattr(module, "STEP_PLANS") else module.THRESHOLD_PLANS
+    plans.clear()
     try:
         for name, kernel in originals.items():
             setattr(module, name, CapturedLaunch(kernel, launches))
@@ -130,9 +129,7 @@ def _capture(launcher_name: str, module, kernel_names: tuple[str, ...], args: tu
     finally:
         for name, kernel in originals.items():
             setattr(module, name, kernel)
-        if ops_plans is not None:
-            module._STEP_PLANS.clear()
-            module._STEP_PLANS.update(ops_plans)
+        plans.clear()
     return launches
 
 
@@ -176,11 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     launches = {}
     for name, (args, expected) in _step_cases().items():
-        launches[name] = (_capture("step", ops, ("_ddim_step_kernel", "_ddim_step_flat_kernel"), args), expected)
+        launches[name] = (_capture("step", ops, ("ddim_step_kernel", "ddim_step_flat_kernel"), args), expected)
     resident_programs = threshold._max_resident_programs
     for name, (args, expected) in _threshold_cases().items():
         threshold._max_resident_programs = (lambda device: 132) if expected.get("split") else resident_programs
-        launches[name] = (_capture("threshold", threshold, ("_dynamic_threshold_scale_kernel",), args), expected)
+        launches[name] = (_capture("threshold", threshold, ("dynamic_threshold_scale_kernel",), args), expected)
     threshold._max_resident_programs = resident_programs
 
     if options.report:
@@ -200,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             ((kernel, grid, args, kwargs),) = captured
             compiled = kernel.warmup(*args, grid=grid, **dict(kwargs, DIVIDE_BY_RECIPROCAL=True))
             entry = report.setdefault(name, {"kernel": kernel.__name__, **expected, "targets": {}})
-            if entry["kernel"] == "_dynamic_threshold_scale_kernel":
+            if entry["kernel"] == "dynamic_threshold_scale_kernel":
                 entry["shared_histogram"] = bool(kwargs["SHARED_HISTOGRAM"])
                 entry["cooperative"] = bool(compiled.metadata.launch_cooperative_grid)
             entry["targets"][target_name] = _ptx_properties(compiled.asm["ptx"])

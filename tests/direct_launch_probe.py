@@ -203,12 +203,12 @@ def _threshold_convention(threshold) -> dict:
     with _counting_dispatches(dispatches):
         for name, (args, programs) in cases.items():
             threshold._max_resident_programs = lambda device, programs=programs: programs
-            threshold._THRESHOLD_PLANS.clear()
+            threshold.THRESHOLD_PLANS.clear()
             RECORDED.clear()
             dispatches.clear()
             threshold.launch_dynamic_threshold_scale(*args, traceable=False)
             threshold.launch_dynamic_threshold_scale(*args, traceable=False)
-            (plan,) = threshold._THRESHOLD_PLANS.values()
+            (plan,) = threshold.THRESHOLD_PLANS.values()
             results[name] = {
                 "launches": len(RECORDED),
                 "dispatches": len(dispatches),
@@ -232,7 +232,7 @@ def _key_report(compiled_by_key: dict[tuple, set[int]], kernels: set[int]) -> di
 
 def _threshold_soundness(threshold) -> dict:
     """Equal launcher keys must mean the same compiled scale kernel, as Triton's dispatch picks it."""
-    kernel = threshold._dynamic_threshold_scale_kernel
+    kernel = threshold.dynamic_threshold_scale_kernel
     meta = dict(
         PREDICTION_TYPE=0,
         DENSE_ROW=True,
@@ -272,7 +272,7 @@ def _threshold_soundness(threshold) -> dict:
 
 def _soundness(ops) -> dict:
     """Equal launcher keys must mean the same compiled kernel, as Triton's dispatch picks it."""
-    kernel = ops._ddim_step_flat_kernel
+    kernel = ops.ddim_step_flat_kernel
     meta = dict(
         PREDICTION_TYPE=0,
         CLIP_SAMPLE=True,

@@ -13,7 +13,7 @@ import pytest
 from tests.helpers import run_compiled_probe
 
 TARGETS = ("sm_80", "sm_90")
-FLAT_KERNEL, STRIDED_KERNEL = "_ddim_step_flat_kernel", "_ddim_step_kernel"
+FLAT_KERNEL, STRIDED_KERNEL = "ddim_step_flat_kernel", "ddim_step_kernel"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def _step_cases(report: dict) -> dict:
 
 def test_every_variant_compiles_for_a100_and_h100(report):
     assert len(_step_cases(report)) >= 10 and any(
-        e["kernel"] == "_dynamic_threshold_scale_kernel" for e in report.values()
+        e["kernel"] == "dynamic_threshold_scale_kernel" for e in report.values()
     )
     for name, entry in report.items():
         assert set(entry["targets"]) == set(TARGETS), name
@@ -60,7 +60,7 @@ def test_threshold_kernel_splits_rows_where_the_launch_would(report):
 def test_threshold_kernel_fmas_are_only_the_interpolation(report):
     """Two tl.fma calls in the lerp reproduce ATen's fused lerp (see fastddim/threshold.py); nothing else contracts."""
     for name, entry in report.items():
-        if entry["kernel"] == "_dynamic_threshold_scale_kernel":
+        if entry["kernel"] == "dynamic_threshold_scale_kernel":
             for target, ptx in entry["targets"].items():
                 assert ptx["fma"] == 2, (name, target)
 

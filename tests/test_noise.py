@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastddim import DDIMScheduler
+from fastddim.utils import BoundedCache
 
 pytestmark = pytest.mark.interpreter
 
@@ -79,6 +80,6 @@ def test_noise_does_not_depend_on_block_size(draw, monkeypatch):
     reference = draw()
     for block_size in (4096, 32768):
         monkeypatch.setattr(ops, "_launch_config", lambda numel, block_size=block_size: (block_size, 4))
-        monkeypatch.setattr(ops, "_STEP_PLANS", {})  # launch plans cache the block size
+        monkeypatch.setattr(ops, "STEP_PLANS", BoundedCache(256))  # launch plans cache the block size
         torch.manual_seed(3)
         assert torch.equal(draw(), reference)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler as DiffusersDDIMScheduler
 
-from fastddim import ops
+from fastddim import ops, reference
 from fastddim.reference import ddim_step_ref
+from fastddim.utils import BoundedCache
 
 pytestmark = pytest.mark.interpreter
 
@@ -22,7 +23,7 @@ ULP_RTOL = {torch.float32: 0.0, torch.float16: 2**-10, torch.bfloat16: 2**-7}
 
 def _table(eta: float, num_inference_steps: int = 50, **config) -> torch.Tensor:
     scheduler = DiffusersDDIMScheduler(**config)
-    return ops.build_coefficient_table(
+    return reference.build_coefficient_table(
         scheduler.alphas_cumprod, scheduler.final_alpha_cumprod, num_inference_steps, eta
     ).to(DEVICE)
 
@@ -41,13 +42,13 @@ def _run_both(model_output, sample, table, timestep, *, noise=None, threshold_sc
         None,
         threshold_scale,
         noise is not None,
-        ops.PREDICTION_TYPES.index(prediction_type),
+        reference.PREDICTION_TYPES.index(prediction_type),
         clip_sample,
         1.0,
         use_clipped,
         sample.dtype,
     )
-    reference = ddim_step_ref(
+    expected = ddim_step_ref(
         model_output,
         sample,
         table[timestep],
@@ -58,7 +59,7 @@ def _run_both(model_output, sample, table, timestep, *, noise=None, threshold_sc
         use_clipped_model_output=use_clipped,
         noise=noise,
     )
-    return kernel, tuple(r.to(sample.dtype) for r in reference)
+    return kernel, tuple(r.to(sample.dtype) for r in expected)
 
 
 def _assert_match(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -67,7 +68,7 @@ def _assert_match(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("prediction_type", ops.PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type", reference.PREDICTION_TYPES)
 @pytest.mark.parametrize("clip_sample", [False, True], ids=["noclip", "clip"])
 @pytest.mark.parametrize("use_clipped_model_output", [False, True], ids=["eps", "clipped-eps"])
 @pytest.mark.parametrize("eta", [0.0, 0.8])
@@ -175,7 +176,7 @@ def test_coefficient_table_matches_diffusers_scalars():
     scheduler = DiffusersDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     scheduler.set_timesteps(7)
     eta = 0.7
-    table = ops.build_coefficient_table(scheduler.alphas_cumprod, scheduler.final_alpha_cumprod, 7, eta)
+    table = reference.build_coefficient_table(scheduler.alphas_cumprod, scheduler.final_alpha_cumprod, 7, eta)
     stride = 1000 // 7
     for t in range(0, 1000, 37):
         prev = t - stride
@@ -207,7 +208,7 @@ def test_launch_plans_are_cached_per_signature(model_output_layout, sample_layou
 
     The second call hits the cached plan with new data and must still match the reference exactly.
     """
-    monkeypatch.setattr(ops, "_STEP_PLANS", {})
+    monkeypatch.setattr(ops, "STEP_PLANS", BoundedCache(256))
     generator = torch.Generator().manual_seed(4)
     table = _table(0.0)
     flags = (None, None, None, False, 0, True, 1.0, False, torch.float32)
@@ -220,5 +221,5 @@ def test_launch_plans_are_cached_per_signature(model_output_layout, sample_layou
             model_output, sample, table[600 + call], prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0
         )
         assert torch.equal(prev, prev_ref) and torch.equal(x0, x0_ref)
-    (plan,) = ops._STEP_PLANS.values()
-    assert (plan.kernel is ops._ddim_step_flat_kernel) == flat
+    (plan,) = ops.STEP_PLANS.values()
+    assert (plan.kernel is ops.ddim_step_flat_kernel) == flat

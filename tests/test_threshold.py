@@ -13,18 +13,15 @@ from diffusers import DDIMScheduler as DiffusersDDIMScheduler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastddim import ops, threshold
-from fastddim.threshold import (
-    dynamic_threshold_scale,
-    dynamic_threshold_scale_ref,
-    launch_dynamic_threshold_scale,
-    quantile_rank,
-)
+from fastddim import reference, threshold
+from fastddim.reference import dynamic_threshold_scale_ref, quantile_rank
+from fastddim.threshold import dynamic_threshold_scale, launch_dynamic_threshold_scale
+from fastddim.utils import BoundedCache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TIMESTEP = 981
 BIG = 1e4  # a sample_max_value that clamps nothing here
-EPSILON, SAMPLE, V_PREDICTION = (ops.PREDICTION_TYPES.index(p) for p in ("epsilon", "sample", "v_prediction"))
+EPSILON, SAMPLE, V_PREDICTION = (reference.PREDICTION_TYPES.index(p) for p in ("epsilon", "sample", "v_prediction"))
 
 interpreter = pytest.mark.interpreter
 
@@ -38,13 +35,13 @@ def gpu(test):
 def fresh_launch_plans(monkeypatch):
     # Launch plans are cached per signature: tests that lower the module's size limits must not meet plans made with
     # the defaults (nor leave theirs behind).
-    monkeypatch.setattr(threshold, "_THRESHOLD_PLANS", {})
+    monkeypatch.setattr(threshold, "THRESHOLD_PLANS", BoundedCache(256))
 
 
 @pytest.fixture(scope="module")
 def table() -> torch.Tensor:
     scheduler = DiffusersDDIMScheduler()
-    return ops.build_coefficient_table(scheduler.alphas_cumprod, scheduler.final_alpha_cumprod, 50, 0.0)
+    return reference.build_coefficient_table(scheduler.alphas_cumprod, scheduler.final_alpha_cumprod, 50, 0.0)
 
 
 def _pred_original(model_output, sample, table, prediction_type, timestep=TIMESTEP):
@@ -111,7 +108,7 @@ SHAPES = [(3, 5), (2, 3, 8, 8), (1, 1, 1, 1), (2, 3, 2, 4, 4), (2, 3, 7, 9), (4,
 
 
 @interpreter
-@pytest.mark.parametrize("prediction_type", [EPSILON, SAMPLE, V_PREDICTION], ids=ops.PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type", [EPSILON, SAMPLE, V_PREDICTION], ids=reference.PREDICTION_TYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_quantile_fp32(table, shape, prediction_type, nan_poisoned_empty):
     model_output, sample = _inputs(shape)
@@ -119,7 +116,7 @@ def test_matches_quantile_fp32(table, shape, prediction_type, nan_poisoned_empty
 
 
 @interpreter
-@pytest.mark.parametrize("prediction_type", [EPSILON, SAMPLE, V_PREDICTION], ids=ops.PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type", [EPSILON, SAMPLE, V_PREDICTION], ids=reference.PREDICTION_TYPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_low_precision_inputs_use_fp32_pred_original(table, dtype, prediction_type):
     model_output, sample = _inputs((2, 3, 8, 8), dtype)

@@ -95,8 +95,8 @@ def host_only() -> None:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    ops._ddim_step_kernel = ops._ddim_step_flat_kernel = NoOpKernel()
-    ops._STEP_PLANS.clear()
+    ops.ddim_step_kernel = ops.ddim_step_flat_kernel = NoOpKernel()
+    ops.STEP_PLANS.clear()
     print(f"  fastddim's Python alone (no-op kernel) {per_call_us(step, nothing):8.1f} us")
     print("for scale:")
     print(

@@ -47,7 +47,7 @@ def sweep_case(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
         for per_key_spans in PER_KEY_COUNT_SPANS:
             threshold.MIN_PROGRAM_SPAN = span or 1 << 62
             threshold.PER_KEY_COUNT_SPANS = per_key_spans
-            threshold._THRESHOLD_PLANS.clear()
+            threshold.THRESHOLD_PLANS.clear()
             config = threshold._threshold_launch_config(
                 sample[0].numel(), True, shape[0], threshold._max_resident_programs(device)
             )

@@ -14,7 +14,7 @@ Notation (code name -> paper symbol; alpha_prod is diffusers' ``alphas_cumprod``
     pred_epsilon            epsilon_theta(x_t)
     prev_sample             x_{t-1}, eq. (12)
 
-The per-timestep scalars come from a small fp32 table (``fastddim.ops.build_coefficient_table``) computed by the
+The per-timestep scalars come from a small fp32 table (``fastddim.reference.build_coefficient_table``) computed by the
 same torch operations diffusers uses, so they are bit-identical to diffusers' 0-dim coefficients. Every elementwise
 operation is then a separate IEEE-rounded fp32 op in diffusers' order, so fp32 results match diffusers bit for bit,
 and the launcher disables mul+add -> FMA contraction. Division by a coefficient follows what PyTorch does for a
@@ -25,7 +25,7 @@ would lower to an approximate division on NVIDIA GPUs), a multiplication by the 
 import triton
 import triton.language as tl
 
-# Column layout of the per-timestep coefficient table built by ``fastddim.ops.build_coefficient_table``.
+# Column layout of the per-timestep coefficient table built by ``fastddim.reference.build_coefficient_table``.
 COEF_SQRT_ALPHA_PROD_T = tl.constexpr(0)
 COEF_SQRT_BETA_PROD_T = tl.constexpr(1)
 COEF_SQRT_ALPHA_PROD_PREV = tl.constexpr(2)
@@ -35,7 +35,7 @@ COEF_INV_SQRT_ALPHA_PROD_T = tl.constexpr(5)
 COEF_INV_SQRT_BETA_PROD_T = tl.constexpr(6)
 NUM_COEFS = tl.constexpr(8)
 
-# PREDICTION_TYPE values (the order of ``fastddim.ops.PREDICTION_TYPES``).
+# PREDICTION_TYPE values (the order of ``fastddim.reference.PREDICTION_TYPES``).
 EPSILON = tl.constexpr(0)
 SAMPLE = tl.constexpr(1)
 V_PREDICTION = tl.constexpr(2)
@@ -53,7 +53,7 @@ def _load_coefficient(coef_row_ptr, column: tl.constexpr, row_valid):
 
 
 @triton.jit
-def _coefficient_row(
+def coefficient_row(
     coef_table_ptr,  # [num_train_timesteps, NUM_COEFS] fp32, contiguous
     timestep_ptr,  # int64 scalar, read only when TIMESTEP_FROM_PTR
     timestep,  # Python int timestep, used when not TIMESTEP_FROM_PTR
@@ -77,7 +77,7 @@ def _divide_by_coefficient(numerator, coefficient, reciprocal, DIVIDE_BY_RECIPRO
 
 
 @triton.jit
-def _pred_original_sample(
+def pred_original_sample(
     model_output,
     sample,
     coef_row_ptr,
@@ -111,7 +111,7 @@ def _epsilon_from_pred_original(sample, pred_original, coef_row_ptr, row_valid, 
 
 
 @triton.jit
-def _element_offsets(
+def element_offsets(
     idx,  # [BLOCK_SIZE] int64 logical (row-major) element index
     size1,
     size2,
@@ -162,7 +162,7 @@ def _ddim_update(
     BLOCK_SIZE: tl.constexpr,
 ):
     """The DDIM update of one block of elements, given their offsets: the body both step kernels share."""
-    coef_row_ptr, row_valid = _coefficient_row(
+    coef_row_ptr, row_valid = coefficient_row(
         coef_table_ptr, timestep_ptr, timestep, num_train_timesteps, TIMESTEP_FROM_PTR
     )
     sqrt_alpha_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_T, row_valid)
@@ -173,7 +173,7 @@ def _ddim_update(
     sample = tl.load(sample_ptr + off_s, mask=mask).to(tl.float32)
 
     # 1. predicted x_0 and epsilon, eq. (12)
-    pred_original = _pred_original_sample(
+    pred_original = pred_original_sample(
         model_output, sample, coef_row_ptr, row_valid, PREDICTION_TYPE, DIVIDE_BY_RECIPROCAL
     )
     if PREDICTION_TYPE == EPSILON:
@@ -228,8 +228,8 @@ def _ddim_update(
 # The timestep changes every step: specializing on it (Triton treats an int equal to 1 as a constant and tracks
 # divisibility by 16) would compile new variants in the middle of a sampling loop, perhaps inside a CUDA-graph capture.
 @triton.jit(do_not_specialize=["timestep", "num_train_timesteps"])
-def _ddim_step_flat_kernel(
-    # Pointers to tensors, all sharing one dense layout (any dim order); see _ddim_step_kernel
+def ddim_step_flat_kernel(
+    # Pointers to tensors, all sharing one dense layout (any dim order); see ddim_step_kernel
     model_output_ptr,
     sample_ptr,
     noise_ptr,
@@ -293,7 +293,7 @@ def _ddim_step_flat_kernel(
 
 
 @triton.jit(do_not_specialize=["timestep", "num_train_timesteps"])
-def _ddim_step_kernel(
+def ddim_step_kernel(
     # Pointers to tensors
     model_output_ptr,  # [B, D1, D2, D3] any float dtype
     sample_ptr,  # [B, D1, D2, D3] same dtype as model_output
@@ -359,10 +359,10 @@ def _ddim_step_kernel(
         clip_sample_range,
         pid,
         idx < numel,
-        _element_offsets(idx, size1, size2, size3, stride_mo0, stride_mo1, stride_mo2, stride_mo3),
-        _element_offsets(idx, size1, size2, size3, stride_s0, stride_s1, stride_s2, stride_s3),
-        _element_offsets(idx, size1, size2, size3, stride_n0, stride_n1, stride_n2, stride_n3),
-        _element_offsets(idx, size1, size2, size3, stride_out0, stride_out1, stride_out2, stride_out3),
+        element_offsets(idx, size1, size2, size3, stride_mo0, stride_mo1, stride_mo2, stride_mo3),
+        element_offsets(idx, size1, size2, size3, stride_s0, stride_s1, stride_s2, stride_s3),
+        element_offsets(idx, size1, size2, size3, stride_n0, stride_n1, stride_n2, stride_n3),
+        element_offsets(idx, size1, size2, size3, stride_out0, stride_out1, stride_out2, stride_out3),
         idx // (size1 * size2 * size3) if THRESHOLD else idx,
         PREDICTION_TYPE,
         CLIP_SAMPLE,

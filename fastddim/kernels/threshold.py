@@ -9,9 +9,9 @@ import triton.language as tl
 
 from fastddim.kernels.ddim_step import (
     SAMPLE,
-    _coefficient_row,
-    _element_offsets,
-    _pred_original_sample,
+    coefficient_row,
+    element_offsets,
+    pred_original_sample,
 )
 
 _KEY_INF = tl.constexpr(0x7F800000)  # bits of +inf; keys above it are NaN
@@ -19,7 +19,7 @@ _KEY_MAX = tl.constexpr(0x7FFFFFFF)  # "no key" sentinel of the min-reductions
 _NUM_BINS = tl.constexpr(256)
 # Shared-histogram scratch, per row and radix pass: the 256 bins, the NaN count (pass 0) and KEY_MAX minus the
 # smallest key above the last pass's bin (pass 3), so that a zero-filled buffer means "nothing seen" in every slot.
-_SCRATCH_STRIDE = tl.constexpr(512)
+SCRATCH_STRIDE = tl.constexpr(512)
 _NAN_SLOT = tl.constexpr(256)
 _ABOVE_SLOT = tl.constexpr(257)
 
@@ -51,14 +51,14 @@ def _row_keys(
         off_mo = idx
         off_s = idx
     else:
-        off_mo = _element_offsets(idx, size1, size2, size3, 0, stride_mo1, stride_mo2, stride_mo3)
-        off_s = _element_offsets(idx, size1, size2, size3, 0, stride_s1, stride_s2, stride_s3)
+        off_mo = element_offsets(idx, size1, size2, size3, 0, stride_mo1, stride_mo2, stride_mo3)
+        off_s = element_offsets(idx, size1, size2, size3, 0, stride_s1, stride_s2, stride_s3)
     model_output = tl.load(model_output_row_ptr + off_mo, mask=valid, other=0.0).to(tl.float32)
     if PREDICTION_TYPE == SAMPLE:
         sample = model_output
     else:
         sample = tl.load(sample_row_ptr + off_s, mask=valid, other=0.0).to(tl.float32)
-    pred_original = _pred_original_sample(
+    pred_original = pred_original_sample(
         model_output, sample, coef_row_ptr, row_valid, PREDICTION_TYPE, DIVIDE_BY_RECIPROCAL
     )
     return pred_original.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -128,21 +128,21 @@ def _row_barrier(barrier_ptr, programs_per_row):
 def _zero_scratch(pass_ptr, slots, is_first_program):
     """Zero-fills one pass's shared histogram, by the row's first program only (the others may still read it)."""
     # (A compare, not `& is_first_program`: Triton's interpreter turns a bool vector & a program_id test into int32.)
-    in_range = slots < tl.where(is_first_program, _SCRATCH_STRIDE, 0)
-    tl.store(pass_ptr + slots, tl.zeros([_SCRATCH_STRIDE], tl.int32), mask=in_range)
+    in_range = slots < tl.where(is_first_program, SCRATCH_STRIDE, 0)
+    tl.store(pass_ptr + slots, tl.zeros([SCRATCH_STRIDE], tl.int32), mask=in_range)
 
 
 # The per-call integers are not specialized (a new timestep must not compile a new kernel mid-loop or mid-capture,
 # and fastddim.ops._launch_compiled relies on it).
 @triton.jit(do_not_specialize=["timestep", "num_train_timesteps", "rank_lo"])
-def _dynamic_threshold_scale_kernel(
+def dynamic_threshold_scale_kernel(
     # Pointers to tensors
     model_output_ptr,  # [B, D1, D2, D3] any float dtype
     sample_ptr,  # [B, D1, D2, D3] same dtype as model_output; not read for PREDICTION_TYPE == SAMPLE
     coef_table_ptr,  # [num_train_timesteps, NUM_COEFS] fp32
     timestep_ptr,  # int64 scalar when TIMESTEP_FROM_PTR
     scale_ptr,  # fp32 [B] output s
-    scratch_ptr,  # int32 [B, 4, _SCRATCH_STRIDE] shared histograms, zero-filled (only read when SHARED_HISTOGRAM)
+    scratch_ptr,  # int32 [B, 4, SCRATCH_STRIDE] shared histograms, zero-filled (only read when SHARED_HISTOGRAM)
     barrier_ptr,  # int64 [B] barrier arrival counters (only read when SHARED_HISTOGRAM)
     # Scalars
     timestep,
@@ -188,7 +188,7 @@ def _dynamic_threshold_scale_kernel(
     span_end = tl.minimum(span_start + program_span, row_numel)
 
     # For SAMPLE, x_0 = model_output ignores the coefficients (and an out-of-range timestep), as in the step kernel.
-    coef_row_ptr, row_valid = _coefficient_row(
+    coef_row_ptr, row_valid = coefficient_row(
         coef_table_ptr, timestep_ptr, timestep, num_train_timesteps, TIMESTEP_FROM_PTR
     )
 
@@ -218,8 +218,8 @@ def _dynamic_threshold_scale_kernel(
         )
 
     bins = tl.arange(0, _NUM_BINS)  # [256]
-    slots = tl.arange(0, _SCRATCH_STRIDE)
-    scratch_row_ptr = scratch_ptr + row * (4 * _SCRATCH_STRIDE)
+    slots = tl.arange(0, SCRATCH_STRIDE)
+    scratch_row_ptr = scratch_ptr + row * (4 * SCRATCH_STRIDE)
     is_first_program = program == 0
     prefix = tl.full((), 0, tl.int32)
     # Rank of the wanted key among the keys that share `prefix`.
@@ -230,15 +230,15 @@ def _dynamic_threshold_scale_kernel(
     prefix_count = tl.full((), 0, tl.int32) + row_numel
     for radix_pass in tl.static_range(4):
         shift = 24 - 8 * radix_pass
-        pass_ptr = scratch_row_ptr + radix_pass * _SCRATCH_STRIDE
+        pass_ptr = scratch_row_ptr + radix_pass * SCRATCH_STRIDE
         if SHARED_HISTOGRAM:
             # Pass q's histogram is free once every program has read it, i.e. after barrier q + 1; the last pass's
             # is cleared at the start of the next launch (launches on one stream run in order), long before that
             # launch's pass 3 adds to it after barrier 2.
             if radix_pass == 0:
-                _zero_scratch(scratch_row_ptr + 3 * _SCRATCH_STRIDE, slots, is_first_program)
+                _zero_scratch(scratch_row_ptr + 3 * SCRATCH_STRIDE, slots, is_first_program)
             if radix_pass >= 2:
-                _zero_scratch(scratch_row_ptr + (radix_pass - 2) * _SCRATCH_STRIDE, slots, is_first_program)
+                _zero_scratch(scratch_row_ptr + (radix_pass - 2) * SCRATCH_STRIDE, slots, is_first_program)
         histogram = tl.zeros([_NUM_BINS], tl.int32)
         count_per_key = prefix_count <= per_key_count_limit
         if SINGLE_BLOCK:
@@ -314,7 +314,7 @@ def _dynamic_threshold_scale_kernel(
         prefix_count = tl.sum(tl.where(bins == digit, histogram, 0), axis=0)
         prefix = prefix | (digit << shift)
     if SHARED_HISTOGRAM:
-        _zero_scratch(scratch_row_ptr + 2 * _SCRATCH_STRIDE, slots, is_first_program)
+        _zero_scratch(scratch_row_ptr + 2 * SCRATCH_STRIDE, slots, is_first_program)
 
     key_lo = prefix
     # The hi-th key equals key_lo while copies of it remain (prefix_count: all 31 bits now), else it is the smallest

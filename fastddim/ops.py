@@ -4,19 +4,17 @@ The scheduler (``fastddim/scheduler.py``) validates user input; the functions he
 only decide how to launch. Each op has a pure-PyTorch twin in ``fastddim/reference.py``.
 
 An eager step at small batch is bound by host time, not by the GPU, so ``launch_ddim_step`` keeps per-signature
-launch plans (layout analysis, grid, kernel choice) and, on CUDA, calls each compiled kernel's launcher directly after
-its first launch through Triton's dispatch (``tests/test_direct_launch.py`` checks this against the dispatch).
+launch plans (layout analysis, grid, kernel choice); ``fastddim.compat.launch`` launches them.
 """
 
-import contextlib
 import math
 import os
 from typing import NamedTuple
 
 import torch
 import triton
-from triton.runtime.driver import driver as triton_driver
 
+from fastddim import compat
 from fastddim.kernels.ddim_step import ddim_step_flat_kernel, ddim_step_kernel
 from fastddim.utils import BoundedCache
 
@@ -100,161 +98,8 @@ class _StepPlan(NamedTuple):
     # The kernel's constexpr arguments in signature order, which a compiled kernel's launcher takes after the others;
     # None where kernels cannot be launched directly (Triton's interpreter).
     constexpr_values: tuple | None
-    # Compiled kernels' launchers by ``_launcher_key``, filled by the first launch of each (see launch_ddim_step).
+    # Compiled kernels' launchers by ``compat.launcher_key``, filled by their first launch (see compat.launch).
     launchers: dict
-
-
-def constexpr_values(kernel: object, meta: dict) -> tuple | None:
-    if not isinstance(kernel, triton.runtime.jit.JITFunction):
-        return None
-    names = [param.name for param in kernel.params if param.is_constexpr]
-    if any(name not in meta for name in names):
-        return None
-    return tuple(meta[name] for name in names)
-
-
-def _launcher_key(device_index: int, tensors: tuple[torch.Tensor, ...], pointers: list[int] | None = None) -> tuple:
-    """What Triton specializes a compiled kernel on among the arguments that change between calls with one plan.
-
-    Triton specializes a tensor argument on its dtype and on whether its address is a multiple of 16 bytes, and an
-    integer on being 1 or a multiple of 16; the kernels' per-call integers (timestep, num_train_timesteps) are
-    ``do_not_specialize`` and everything else is fixed by the launch plan. Two launches with the same key therefore
-    run the same compiled kernel (tests/direct_launch_probe.py checks this against Triton's own dispatch).
-    ``pointers`` are the tensors' data pointers, when the caller has them already.
-    """
-    if pointers is None:
-        pointers = [tensor.data_ptr() for tensor in tensors]
-    return (device_index, *[tensor.dtype for tensor in tensors], *[pointer % 16 == 0 for pointer in pointers])
-
-
-def _direct_launch_device(sample: torch.Tensor) -> int | None:
-    """The CUDA device index to launch compiled kernels on directly, or None to go through Triton's dispatch."""
-    return sample.device.index if sample.is_cuda else None
-
-
-# Triton versions whose CompiledKernel runner is known to call ``run(*grid, stream, function, packed_metadata,
-# launch_metadata, enter_hook, exit_hook, *args)`` (read in 3.6 and 3.9): others always go through the runner.
-_RUNNER_CONVENTION_VERSIONS = ((3, 6), (3, 9))
-_TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
-
-
-class _CompiledLaunch(NamedTuple):
-    """One compiled kernel, ready to launch on one grid: what ``CompiledKernel.__getitem__``'s runner would use."""
-
-    runner: object  # compiled[grid]: Triton's own per-launch path, used while launch hooks are registered
-    run: object  # the driver's launcher, or None to always use the runner (another Triton version)
-    grid: tuple[int, int, int]
-    function: object
-    packed_metadata: object
-    get_stream: object  # the active driver's get_current_stream(device_index)
-
-
-def _compiled_launch(compiled: object, grid: tuple[int, ...]) -> _CompiledLaunch:
-    grid = (*grid, 1, 1)[:3]
-    runner = compiled[grid]  # also loads the module (_init_handles)
-    run, function, packed_metadata = (getattr(compiled, name, None) for name in ("run", "function", "packed_metadata"))
-    get_stream = getattr(triton_driver.active, "get_current_stream", None)
-    known = _RUNNER_CONVENTION_VERSIONS[0] <= _TRITON_VERSION <= _RUNNER_CONVENTION_VERSIONS[1]
-    if not known or run is None or function is None or packed_metadata is None or get_stream is None:
-        return _CompiledLaunch(runner, None, grid, None, None, None)
-    return _CompiledLaunch(runner, run, grid, function, packed_metadata, get_stream)
-
-
-def _launch_hooks_idle() -> bool:
-    """Whether no Triton launch hook is registered (``knobs.runtime``'s hook chains are empty, as they are unless a
-    profiler such as proton adds one), so a launch may pass no launch metadata and no hooks."""
-    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    if runtime is None:
-        return False
-    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
-        # A HookChain with no calls, or None; a bare callable has no `calls` and counts as registered.
-        if hook is not None and getattr(hook, "calls", True):
-            return False
-    return True
-
-
-def _launch_compiled(
-    kernel: triton.JITFunction,
-    grid: tuple[int, ...],
-    tensors: tuple[torch.Tensor, ...],
-    scalars: tuple,
-    meta: dict,
-    constexpr_values: tuple,
-    launchers: dict,
-    device_index: int,
-) -> None:
-    """Launches ``kernel(*tensors, *scalars, **meta)``, straight to the compiled kernel after its first launch.
-
-    Triton's dispatch (binding and specializing ~30 arguments, the cache lookup) costs more host time than the rest
-    of an eager step. After the first launch of a specialization, the compiled kernel's launcher is called directly
-    with the arguments that dispatch would pass it: ours, then the constexprs in signature order. The caller
-    guarantees what makes that sound: the kernel takes its tensors first, every integer that varies between calls
-    with one launch plan is ``do_not_specialize``, and ``launchers`` belongs to one launch plan (grid, scalars' types
-    and specializations, meta-parameters).
-
-    The launch also skips what Triton's runner does per call for launch hooks: it builds launch metadata and has
-    the driver call the enter and exit hook chains, which are empty unless a profiler registers a hook. While they
-    are empty it passes none (what the runner passes when there are no hooks at all); otherwise it uses the runner.
-    The caller holds the device current (``_device_guard``), so the device's current stream is the runner's stream.
-    It passes the tensors' data pointers as integers: for a tensor, the launcher calls ``data_ptr()`` and asks the
-    CUDA driver whether the pointer is device-accessible (``cuPointerGetAttribute``), once per tensor argument and
-    launch, a check the scheduler's validation (same CUDA device for every tensor) already makes.
-    """
-    pointers = [tensor.data_ptr() for tensor in tensors]
-    launcher_key = _launcher_key(device_index, tensors, pointers)
-    launch = launchers.get(launcher_key)
-    if launch is None:
-        compiled = kernel[grid](*tensors, *scalars, **meta)
-        if compiled is not None:
-            launchers[launcher_key] = _compiled_launch(compiled, grid)
-    elif launch.run is not None and _launch_hooks_idle():
-        launch.run(
-            *launch.grid,
-            launch.get_stream(device_index),
-            launch.function,
-            launch.packed_metadata,
-            None,
-            None,
-            None,
-            *pointers,
-            *scalars,
-            *constexpr_values,
-        )
-    else:
-        launch.runner(*tensors, *scalars, *constexpr_values)
-
-
-# torch.cuda.device(device) spends ~2 us of Python normalizing its argument (dev CPU); the guard Inductor's generated
-# code uses takes the index directly and does the same device exchange on entry and exit.
-_CudaDeviceGuard = getattr(torch.cuda, "_DeviceGuard", None) or torch.cuda.device
-
-
-def _device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Makes ``tensor``'s CUDA device current for a launch (and restores the previous one); a no-op off CUDA."""
-    return _CudaDeviceGuard(tensor.device.index) if tensor.is_cuda else contextlib.nullcontext()
-
-
-def launch(
-    kernel: triton.JITFunction,
-    grid: tuple[int, ...],
-    tensors: tuple[torch.Tensor, ...],
-    scalars: tuple,
-    meta: dict,
-    constexpr_values: tuple | None,
-    launchers: dict,
-    traceable: bool,
-) -> None:
-    """Launches ``kernel[grid](*tensors, *scalars, **meta)`` on the tensors' device (one device: callers check it),
-    one of three ways: through ``torch.library.wrap_triton`` when ``traceable`` (torch.compile), through Triton's
-    dispatch where compiled kernels cannot be launched directly (the interpreter), else ``_launch_compiled``."""
-    device_index = None if traceable or constexpr_values is None else _direct_launch_device(tensors[0])
-    with _device_guard(tensors[0]):
-        if traceable:
-            torch.library.wrap_triton(kernel)[grid](*tensors, *scalars, **meta)
-        elif device_index is None:
-            kernel[grid](*tensors, *scalars, **meta)
-        else:
-            _launch_compiled(kernel, grid, tensors, scalars, meta, constexpr_values, launchers, device_index)
 
 
 _STEP_FLAG_NAMES = (
@@ -300,7 +145,7 @@ def _plan_step(
     else:
         kernel = ddim_step_kernel
         layout_args = (numel, sizes[1], sizes[2], sizes[3], *stride_mo, *stride_s, *stride_n, *stride_out)
-    return _StepPlan(kernel, grid, layout_args, meta, make_contiguous, constexpr_values(kernel, meta), {})
+    return _StepPlan(kernel, grid, layout_args, meta, make_contiguous, compat.constexpr_values(kernel, meta), {})
 
 
 def launch_ddim_step(
@@ -400,7 +245,9 @@ def launch_ddim_step(
         threshold_scale if threshold_scale is not None else placeholder,
     )
     scalars = (timestep, coef_table.shape[0], clip_sample_range, *plan.layout_args)
-    launch(plan.kernel, plan.grid, tensors, scalars, plan.meta, plan.constexpr_values, plan.launchers, traceable)
+    compat.launch(
+        plan.kernel, plan.grid, tensors, scalars, plan.meta, plan.constexpr_values, plan.launchers, traceable
+    )
     return prev_sample, pred_original
 
 

@@ -44,10 +44,10 @@ from typing import NamedTuple
 import torch
 import triton
 
-from fastddim import ops
+from fastddim import compat
 from fastddim.kernels import threshold as threshold_kernels
 from fastddim.kernels.threshold import dynamic_threshold_scale_kernel
-from fastddim.ops import coalesce_layout, constexpr_values, contiguous_strides
+from fastddim.ops import coalesce_layout, contiguous_strides
 from fastddim.reference import PREDICTION_TYPES, quantile_rank
 from fastddim.utils import BoundedCache
 
@@ -70,7 +70,7 @@ MIN_PROGRAM_SPAN = 256
 MIN_PROGRAMS_FOR_SHARED_HISTOGRAM = 2
 # With shared histograms, a pass counts per key (see the module docstring) when at most this many program spans'
 # worth of the row's keys match its prefix. The bound caps the worst case, every match in one bin (ties), at a span's
-# worth of atomics on one address, estimated to cost about what tl.histogram costs a program: not measured yet
+# worth of atomics on one address, estimated to cost about what tl.histogram costs a program
 # (bench/tools/threshold_split_sweep.py compares 1 and 4 with 0, never). The first pass, where every key of the row
 # matches and a few exponent bins take them all, always takes the histogram, whatever the value.
 PER_KEY_COUNT_SPANS = 1
@@ -140,17 +140,9 @@ def _threshold_launch_config(row_numel: int, dense_row: bool, batch: int = 1, ma
 _scratch_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _current_raw_stream(device_index: int) -> int:
-    """The current stream's handle on a CUDA device, as Inductor reads it (a Stream object costs ~8 us to build)."""
-    raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw_stream is None:  # not in CPU builds of torch, where no CUDA tensor reaches this
-        return torch.cuda.current_stream(device_index).cuda_stream
-    return raw_stream(device_index)
-
-
 def _histogram_scratch(device: torch.device, batch: int, programs_per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(histograms int32 [B, 4, 512], barrier counters int64 [B]) for a shared-histogram launch."""
-    stream = _current_raw_stream(device.index) if device.type == "cuda" else 0
+    stream = compat.current_raw_stream(device.index) if device.type == "cuda" else 0
     key = (device, stream, batch, programs_per_row)
     scratch = _scratch_buffers.get(key)
     if scratch is None:
@@ -200,7 +192,7 @@ class _ThresholdPlan(NamedTuple):
     layout_args: tuple[int, ...]  # (size1, size2, size3, *model_output strides, *sample strides)
     meta: dict  # constexpr meta-parameters and launch options
     constexpr_values: tuple | None  # in signature order, for direct launches; None when interpreted
-    launchers: dict  # compiled kernels' launchers by fastddim.ops._launcher_key
+    launchers: dict  # compiled kernels' launchers by fastddim.compat.launcher_key
 
 
 THRESHOLD_PLANS: BoundedCache[tuple, _ThresholdPlan] = BoundedCache(256)
@@ -256,7 +248,7 @@ def _plan_threshold(
         ),
         (*sizes[1:], *coalesced_mo, *coalesced_s),
         meta,
-        constexpr_values(dynamic_threshold_scale_kernel, meta),
+        compat.constexpr_values(dynamic_threshold_scale_kernel, meta),
         {},
     )
 
@@ -290,7 +282,7 @@ def launch_dynamic_threshold_scale(
         sample_max_value (`float`): upper clamp of s, > 0 (validated by the scheduler).
         traceable (`bool`): launch through ``torch.library.wrap_triton`` (what the registered op does, for
             torch.compile), one program per row. ``False`` launches eagerly, through a cached launch plan and, on
-            CUDA, the compiled kernel's launcher (see ``fastddim.ops._launch_compiled``).
+            CUDA, the compiled kernel's launcher where that fast path is on (``fastddim.compat.launch``).
 
     Returns:
         `torch.Tensor`: fp32 [B] s per sample, clamp(quantile(|x_0|, ratio), 1, sample_max_value).
@@ -336,7 +328,7 @@ def launch_dynamic_threshold_scale(
     )
     scalars = (timestep, coef_table.shape[0], *plan.row_args, float(sample_max_value), *plan.layout_args)
     grid = (batch, config.programs_per_row)
-    ops.launch(
+    compat.launch(
         dynamic_threshold_scale_kernel,
         grid,
         tensors,

@@ -1,22 +1,25 @@
 """Checks, without a GPU, that fastddim's direct launch of compiled kernels does what Triton's dispatch does.
 
-``fastddim.ops.launch_ddim_step`` and ``fastddim.threshold.launch_dynamic_threshold_scale`` send the first launch of
-each specialization through Triton's dispatch (``JITFunction.run``) and later ones straight to the compiled kernel's
-launcher (``fastddim.ops._launch_compiled``). This probe replaces Triton's driver
+With the ``direct_launch`` fast path on (``FASTDDIM_SAFE_LAUNCH=0``), ``fastddim.ops.launch_ddim_step`` and
+``fastddim.threshold.launch_dynamic_threshold_scale`` send the first launch of each specialization through Triton's
+dispatch (``JITFunction.run``) and later ones straight to the compiled kernel's launcher
+(``fastddim.compat._launch_compiled``); with ``--safe-launch`` (``FASTDDIM_SAFE_LAUNCH=1``) every launch must go
+through the dispatch and the direct launch must never run. This probe replaces Triton's driver
 with a recording one (the compiled kernel's launcher records its arguments instead of calling the CUDA driver) and
 lets CPU tensors stand in for CUDA ones, then checks:
 
 - ``convention``: a direct launch passes the launcher exactly what dispatch passed it for the same signature;
-- ``soundness``: launches with equal ``fastddim.ops._launcher_key`` get the same compiled kernel from Triton's own
+- ``soundness``: launches with equal ``fastddim.compat.launcher_key`` get the same compiled kernel from Triton's own
   dispatch, over dtypes, pointer alignments, timesteps and table sizes.
 
-Run as ``python -m tests.direct_launch_probe`` with ``TRITON_INTERPRET`` unset; prints JSON for
+Run as ``python -m tests.direct_launch_probe [--safe-launch]`` with ``TRITON_INTERPRET`` unset; prints JSON for
 ``tests/test_direct_launch.py``.
 """
 
 import contextlib
 import itertools
 import json
+import os
 import sys
 
 import torch
@@ -165,13 +168,13 @@ def _hook_stand_in(metadata) -> None:
 def _same_launch(first: tuple, second: tuple) -> bool:
     """Whether a dispatched launch and the direct launch after it hand the launcher the same arguments."""
     (first_name, first_args), (second_name, second_args) = first, second
-    second_tensors = LAUNCHED_TENSORS[-1]
+    second_tensors = LAUNCHED_TENSORS[-1] if LAUNCHED_TENSORS else None
     return first_name == second_name and _normalize_launch(first_args) == _normalize_launch(
         second_args, second_tensors
     )
 
 
-# The tensors of each fastddim.ops._launch_compiled call, which the direct launch passes as data pointers.
+# The tensors of each fastddim.compat._launch_compiled call, which the direct launch passes as data pointers.
 LAUNCHED_TENSORS: list[tuple] = []
 
 
@@ -232,6 +235,8 @@ def _key_report(compiled_by_key: dict[tuple, set[int]], kernels: set[int]) -> di
 
 def _threshold_soundness(threshold) -> dict:
     """Equal launcher keys must mean the same compiled scale kernel, as Triton's dispatch picks it."""
+    from fastddim import compat
+
     kernel = threshold.dynamic_threshold_scale_kernel
     meta = dict(
         PREDICTION_TYPE=0,
@@ -266,12 +271,14 @@ def _threshold_soundness(threshold) -> dict:
         strides = (row_numel, 0, 0, 1, row_numel, 0, 0, 1)
         compiled = kernel.warmup(*tensors, *scalars, *strides, grid=(2, 3), **meta)
         kernels.add(id(compiled))
-        compiled_by_key.setdefault(threshold.ops._launcher_key(0, tensors), set()).add(id(compiled))
+        compiled_by_key.setdefault(compat.launcher_key(0, tensors), set()).add(id(compiled))
     return _key_report(compiled_by_key, kernels)
 
 
 def _soundness(ops) -> dict:
     """Equal launcher keys must mean the same compiled kernel, as Triton's dispatch picks it."""
+    from fastddim import compat
+
     kernel = ops.ddim_step_flat_kernel
     meta = dict(
         PREDICTION_TYPE=0,
@@ -304,31 +311,36 @@ def _soundness(ops) -> dict:
         args = (*tensors, timestep, num_train_timesteps, 1.0, numel, numel // 2)
         compiled = kernel.warmup(*args, grid=(1,), **meta, num_warps=4, enable_fp_fusion=False)
         kernels.add(id(compiled))
-        compiled_by_key.setdefault(ops._launcher_key(0, tensors), set()).add(id(compiled))
+        compiled_by_key.setdefault(compat.launcher_key(0, tensors), set()).add(id(compiled))
     return _key_report(compiled_by_key, kernels)
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    safe_launch = "--safe-launch" in argv
+    os.environ["FASTDDIM_SAFE_LAUNCH"] = "1" if safe_launch else "0"
     driver.set_active(RecordingDriver())
-    from fastddim import ops
+    from fastddim import compat, ops
 
+    compat.refresh()
     if ops.interpreting():
         print("unset TRITON_INTERPRET: interpreted kernels have no compiled launcher", file=sys.stderr)
         return 2
     from fastddim import threshold
 
-    ops._direct_launch_device = lambda sample: 0  # CPU tensors stand in for CUDA ones
-    ops._launch_compiled = _recording_tensors(ops._launch_compiled)
-    low, high = ops._RUNNER_CONVENTION_VERSIONS
+    compat._direct_launch_device = lambda tensor: 0  # CPU tensors stand in for CUDA ones
+    compat._launch_compiled = _recording_tensors(compat._launch_compiled)
     report = {
-        "runner_convention_known": low <= ops._TRITON_VERSION <= high,
+        "direct_launch_enabled": compat.fast_path_enabled("direct_launch"),
+        "direct_launch_available": compat.FAST_PATHS["direct_launch"].available,
         "convention": {**_convention(ops), **_threshold_convention(threshold)},
-        "soundness": _soundness(ops),
-        "threshold_soundness": _threshold_soundness(threshold),
+        "direct_launch_calls": len(LAUNCHED_TENSORS),
     }
+    if not safe_launch:
+        report["soundness"] = _soundness(ops)
+        report["threshold_soundness"] = _threshold_soundness(threshold)
     print(json.dumps(report))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

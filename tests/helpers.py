@@ -30,15 +30,15 @@ def make_unet(unet_class: type = diffusers.UNet2DModel, **overrides) -> diffuser
     return unet_class(**{**TINY_UNET_CONFIG, **overrides}).eval()
 
 
-def run_compiled_probe(module: str) -> dict:
-    """Runs ``python -m module`` from the repository root with ``TRITON_INTERPRET`` unset, returning its JSON output.
+def run_compiled_probe(module: str, *args: str) -> dict:
+    """Runs ``python -m module *args`` from the repository root with ``TRITON_INTERPRET`` unset; returns its JSON.
 
     The kernel probes (tests/codegen_probe.py, tests/direct_launch_probe.py) need compiled, not interpreted, kernels;
     this process has the interpreter on when CUDA is absent, and it is fixed at import.
     """
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     completed = subprocess.run(
-        [sys.executable, "-m", module], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     if completed.returncode != 0:
         raise RuntimeError(f"{module} failed:\n{completed.stderr[-3000:]}")

@@ -1,14 +1,27 @@
 """fastddim's direct launch of compiled kernels, checked against Triton's own dispatch without a GPU.
 
-After the first launch of a specialization, ``fastddim.ops.launch_ddim_step`` and
+With the ``direct_launch`` fast path on (``fastddim.compat``; ``FASTDDIM_SAFE_LAUNCH=0`` forces it on while no GPU run
+has verified it), after the first launch of a specialization ``fastddim.ops.launch_ddim_step`` and
 ``fastddim.threshold.launch_dynamic_threshold_scale`` skip Triton's dispatch and call the compiled kernel's launcher
-themselves (on CUDA only). ``tests/direct_launch_probe.py`` runs the real launcher in a
-subprocess (compiled kernels need ``TRITON_INTERPRET`` unset) over a recording stand-in for Triton's CUDA driver.
+themselves (on CUDA only). With ``FASTDDIM_SAFE_LAUNCH=1`` they never do. ``tests/direct_launch_probe.py`` runs the
+real launchers in a subprocess (compiled kernels need ``TRITON_INTERPRET`` unset) over a recording stand-in for
+Triton's CUDA driver.
 """
 
 import pytest
 
 from tests.helpers import run_compiled_probe
+
+CASES = [
+    "flat",
+    "strided",
+    "tensor-noise",
+    "philox-threshold",
+    "threshold-registers",
+    "threshold-streamed",
+    "threshold-int-timestep",
+    "threshold-split",
+]
 
 
 @pytest.fixture(scope="module")
@@ -16,28 +29,34 @@ def probe() -> dict:
     return run_compiled_probe("tests.direct_launch_probe")
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "flat",
-        "strided",
-        "tensor-noise",
-        "philox-threshold",
-        "threshold-registers",
-        "threshold-streamed",
-        "threshold-int-timestep",
-        "threshold-split",
-    ],
-)
+@pytest.fixture(scope="module")
+def safe_probe() -> dict:
+    return run_compiled_probe("tests.direct_launch_probe", "--safe-launch")
+
+
+def test_safe_launch_never_launches_directly(safe_probe):
+    """FASTDDIM_SAFE_LAUNCH=1: every launch of both kernels goes through Triton's dispatch, and the direct launch
+    (``fastddim.compat._launch_compiled``) is never called."""
+    assert not safe_probe["direct_launch_enabled"]
+    assert safe_probe["direct_launch_calls"] == 0
+    for case in CASES:
+        result = safe_probe["convention"][case]
+        assert result["launches"] == 2 and result["dispatches"] == 2, (case, result)
+        assert result["same_arguments"], (case, result)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_direct_launch_passes_what_dispatch_passes(probe, case):
     """The second launch of a signature bypasses dispatch and hands the launcher the very same arguments (grid,
-    stream, kernel handle, packed metadata, every tensor's dtype and layout, every scalar, the constexprs in order)."""
+    stream, kernel handle, packed metadata, every tensor's dtype and layout, every scalar, the constexprs in order),
+    except Triton's launch metadata and empty hook chains, which the direct launch leaves out (None). On Triton
+    versions whose runner convention fastddim does not know, the fast path is unavailable: both launches dispatch."""
     result = probe["convention"][case]
-    assert result["launches"] == 2 and result["dispatches"] == 1, result
+    available = probe["direct_launch_available"]
+    assert probe["direct_launch_enabled"] == available
+    assert result["launches"] == 2 and result["dispatches"] == (1 if available else 2), result
     assert result["same_arguments"], result
-    # ... except Triton's launch metadata and empty hook chains, which the direct launch leaves out (None) on the
-    # Triton versions whose runner convention fastddim knows (elsewhere it keeps Triton's runner).
-    assert result["direct_skips_hooks"] == probe["runner_convention_known"], result
+    assert result["direct_skips_hooks"] == available, result
 
 
 def test_direct_launch_keeps_registered_launch_hooks(probe):

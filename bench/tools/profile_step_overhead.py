@@ -2,8 +2,10 @@
 
 Two modes:
 
-- default (CUDA): times back-to-back eager steps, the bare launcher and the custom op, the seed draw and one eager
-  torch op for scale, then prints the top of a cProfile of the step.
+- default (CUDA): times back-to-back eager steps with the public launch path (``FASTDDIM_SAFE_LAUNCH=1``) and with
+  every fast path of ``fastddim.compat`` (``FASTDDIM_SAFE_LAUNCH=0``), interleaved in one process, and the share of
+  the step's latency the fast paths save; then the bare launcher and the custom op, the seed draw and one eager torch
+  op for scale, and the top of a cProfile of the step.
 - ``--host-only`` (any machine, no GPU needed; run from the repository root): ``step`` on CPU tensors through the
   Triton launch path with Triton's CUDA driver replaced by a recording stand-in (``tests/direct_launch_probe.py``),
   so everything but the CUDA driver call itself is timed: fastddim's Python plus either Triton's dispatch or the
@@ -50,8 +52,9 @@ def host_only() -> None:
 
     driver.set_active(direct_launch_probe.RecordingDriver())
     direct_launch_probe.RECORDED = collections.deque(maxlen=1)  # keep only the last launch while timing
+    os.environ["FASTDDIM_SAFE_LAUNCH"] = "0"
     import fastddim
-    from fastddim import ops
+    from fastddim import compat, ops
 
     # CPU tensors stand in for CUDA ones: the Triton backend, and a device to launch compiled kernels on.
     fastddim.DDIMScheduler._backend_for = staticmethod(lambda sample: "triton")
@@ -82,10 +85,10 @@ def host_only() -> None:
         return thresholded.step(x_thr, t, x_thr)
 
     print("fastddim host time per step((1, 4, 64, 64) fp16, tensor timestep), all but the CUDA driver call:")
-    ops._direct_launch_device = lambda sample: 0
+    compat._direct_launch_device = lambda tensor: 0
     print(f"  direct launch of the compiled kernel   {per_call_us(step, nothing):8.1f} us")
     thresholded_direct = per_call_us(thresholded_step, nothing)
-    ops._direct_launch_device = lambda sample: None
+    compat._direct_launch_device = lambda tensor: None
     print(f"  through Triton's dispatch              {per_call_us(step, nothing):8.1f} us")
     print("thresholded step((16, 3, 64, 64) fp32, rows split over 132 SMs), all but the CUDA driver calls:")
     print(f"  direct launches of both kernels        {thresholded_direct:8.1f} us")
@@ -109,7 +112,7 @@ def cuda() -> None:
     import torch
 
     import fastddim
-    from fastddim import ops
+    from fastddim import compat, ops
 
     scheduler = fastddim.DDIMScheduler()
     scheduler.set_timesteps(50, device="cuda")
@@ -118,6 +121,20 @@ def cuda() -> None:
     table = scheduler.coefficient_table("cuda", 0.0)
     args = (x, x, table, t, 0, None, None, None, False, 0, True, 1.0, False, torch.float16)
     sync = torch.cuda.synchronize
+
+    # The rule: the private fast paths stay only if they save >= 20 % of the eager step's latency.
+    latencies: dict[str, list[float]] = {"1": [], "0": []}
+    for _ in range(3):
+        for mode in latencies:
+            os.environ["FASTDDIM_SAFE_LAUNCH"] = mode
+            compat.refresh()
+            latencies[mode].append(per_call_us(lambda: scheduler.step(x, t, x), sync))
+    public, fast = min(latencies["1"]), min(latencies["0"])
+    print(f"step (1,4,64,64) fp16 eta=0, FASTDDIM_SAFE_LAUNCH=1 (public paths) {public:8.1f} us")
+    print(f"step (1,4,64,64) fp16 eta=0, FASTDDIM_SAFE_LAUNCH=0 (fast paths)   {fast:8.1f} us")
+    print(f"fast paths save {100 * (1 - fast / public):.1f} % of the eager step's latency (keep them if >= 20 %)")
+    os.environ["FASTDDIM_SAFE_LAUNCH"] = "0"
+    compat.refresh()
     print(f"scheduler.step eta=0          {per_call_us(lambda: scheduler.step(x, t, x), sync):8.1f} us")
     print(f"scheduler.step eta=1 (philox) {per_call_us(lambda: scheduler.step(x, t, x, eta=1.0), sync):8.1f} us")
     thresholded = fastddim.DDIMScheduler(thresholding=True)

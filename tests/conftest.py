@@ -60,11 +60,12 @@ class ReplayingGraph:
 
 @pytest.fixture
 def stand_in_graphs(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """Routes ``fastddim.DDIMPipeline``'s CUDA-graph path through the CPU; returns the list of captures made.
+    """Routes the captured-loop engine (``fastddim.graphs``) through the CPU; returns the list of captures made.
 
-    The graph bookkeeping (keys, LRU, invalidation, fallback, static buffers, per-call noise) then runs in CI.
+    The graph bookkeeping of every pipeline (keys, LRU, invalidation, fallback, static buffers, per-call inputs and
+    noise) then runs in CI.
     """
-    import fastddim.pipeline
+    import fastddim.graphs
 
     captures = []
 
@@ -73,7 +74,7 @@ def stand_in_graphs(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
         graph = ReplayingGraph(run, num_steps)
         return graph, graph.output
 
-    monkeypatch.setattr(fastddim.pipeline, "_graphs_supported", lambda device: True)
-    monkeypatch.setattr(fastddim.pipeline, "_capture_graph", capture_graph)
+    monkeypatch.setattr(fastddim.graphs, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(fastddim.graphs, "capture_graph", capture_graph)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     return captures

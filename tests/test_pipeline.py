@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastddim
-import fastddim.pipeline
+import fastddim.graphs
 from fastddim.pipeline import DEFAULT_CUDA_GRAPH_CACHE_SIZE, CudaGraphCacheInfo
 from tests.helpers import make_unet
 
@@ -332,7 +332,7 @@ def test_failed_capture_falls_back_once_per_key(unet, monkeypatch, stand_in_grap
         attempts.append(num_steps)
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
 
-    monkeypatch.setattr(fastddim.pipeline, "_capture_graph", failing_capture)
+    monkeypatch.setattr(fastddim.graphs, "capture_graph", failing_capture)
     pipe = fast_pipe(unet)
     kwargs = dict(generator=None, eta=1.0, num_inference_steps=3, output_type="pt")
     with pytest.warns(RuntimeWarning, match="capture of the sampling loop failed .*not permitted") as record:

@@ -13,8 +13,6 @@ plus ``cuda_graph``. Differences:
   replay gets fresh noise and ``torch.manual_seed`` makes runs reproducible.
 """
 
-from __future__ import annotations
-
 import contextlib
 import itertools
 import math

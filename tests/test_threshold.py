@@ -17,6 +17,7 @@ from fastddim import reference, threshold
 from fastddim.reference import dynamic_threshold_scale_ref, quantile_rank
 from fastddim.threshold import dynamic_threshold_scale, launch_dynamic_threshold_scale
 from fastddim.utils import BoundedCache
+from tests.helpers import interpreted_kernels_not_wrappable, interpreter_fma_rounds_twice
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TIMESTEP = 981
@@ -107,6 +108,7 @@ def _inputs(shape, dtype=torch.float32, seed=0, scale=2.0):
 SHAPES = [(3, 5), (2, 3, 8, 8), (1, 1, 1, 1), (2, 3, 2, 4, 4), (2, 3, 7, 9), (4,), (5, 1)]
 
 
+@interpreter_fma_rounds_twice
 @interpreter
 @pytest.mark.parametrize("prediction_type", [EPSILON, SAMPLE, V_PREDICTION], ids=reference.PREDICTION_TYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -231,6 +233,7 @@ def test_timestep_tensor_matches_int_timestep(table):
     _assert_bitwise(by_tensor, _expected(model_output, sample, table, V_PREDICTION))
 
 
+@interpreter_fma_rounds_twice
 @interpreter
 @pytest.mark.parametrize(
     ("low", "high", "ratio"),
@@ -407,6 +410,7 @@ def test_rows_longer_than_the_register_limit(table):
     _check(model_output, sample, table, EPSILON, 0.995)
 
 
+@interpreted_kernels_not_wrappable
 @interpreter
 def test_registered_op_and_empty_inputs(table):
     model_output, sample = _inputs((2, 3, 4, 4))

@@ -1,8 +1,9 @@
 """Regression benchmarks of one DDIM step (pytest-benchmark); workflow in ``bench/conftest.py``.
 
 GPU cases time ``steps`` consecutive steps followed by ``torch.cuda.synchronize()`` per round (host wall time, launch
-overhead included); ``extra_info`` adds the per-step host time, the device-time median (triton.testing.do_bench, L2 flushed)
-and GB/s. Every case checks its output against diffusers in fp32 before it is timed.
+overhead included); ``extra_info`` adds the per-step host time, the device-time median (``triton.testing.do_bench``,
+L2 flushed, through `fastddim.timing`) and GB/s. Every case checks its output against diffusers in fp32 before it is
+timed.
 """
 
 import pytest

@@ -11,6 +11,10 @@ Two clocks, because a DDIM step has two costs:
   separates calls by a flush and events, so the host's launch cost overlaps them instead of adding up. It is also the
   only clock on a CPU.
 
+Whole sampling loops are host-timed per call, with a synchronize after it: a loop's host work (Python per step, CPU
+timesteps, any synchronization inside the pipeline) is part of what a user waits for, and device events would leave
+it out wherever the host is the bottleneck.
+
 A CUDA graph replay is timed like any call (``fn=graph.replay``); `capture_graph` captures several steps in one graph
 so that per-replay overhead is amortised, and figures are divided by `graph_unroll`.
 """

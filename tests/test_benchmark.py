@@ -290,6 +290,32 @@ def test_module_entry_point_and_quick_step_run(tmp_path):
     assert (16, 4, 128, 128) in shapes and all(max(s) <= 128 for s in shapes)
 
 
+@pytest.mark.gpu
+def test_tiny_step_run_on_cuda(tmp_path):
+    assert _run(["--tiny", "--only", "step", "--device", "cuda", "--no-plots", "--out", str(tmp_path)]) == 0
+    recs = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert {r["impl"] for r in recs} == {"copy", "diffusers", "diffusers-int", "fastddim", "fastddim-graph"}
+    for record in recs:
+        assert records.outcome(record) == "ok", record
+        assert record["timing_method"].startswith("triton.testing.do_bench") and record["n_samples"] > 1
+        assert record["p20_us"] <= record["median_us"] <= record["p80_us"] and record["latency_us"] > 0
+
+
+@pytest.mark.gpu
+def test_device_time_and_graph_replay_on_cuda():
+    from fastddim import testing
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    x = torch.randn(1 << 20, device=device)
+    y = torch.empty_like(x)
+    stats = timing.device_time_us(lambda: y.copy_(x), device, warmup_ms=5, rep_ms=20)
+    assert stats["n_samples"] > 1 and 0 < stats["p20_us"] <= stats["median_us"] <= stats["p80_us"]
+    fn, steps = testing.step_callable((1, 4, 64, 64), torch.float16, cuda_graph=True)
+    assert steps == timing.graph_unroll(4 * 64 * 64) > 1
+    fn()
+    torch.cuda.synchronize(device)
+
+
 # ------------------------------------------------------------------------------------------------ fastddim bench in CI
 
 
@@ -352,6 +378,16 @@ def test_bench_skips_are_not_errors(tmp_path, monkeypatch, capsys):
     assert "4 cases: 2 ok, 2 skipped (not errors), 0 failed the correctness check, 0 errored." in stdout
     assert "skipped loop/tiny batch=1 fp32/fastddim-eager: fastddim.DDIMPipeline is not available" in stdout
     assert "FAILED" not in stderr
+
+
+def test_compile_cases_past_the_budget_are_skipped_not_errors(tmp_path):
+    plan = _tiny_plan()
+    plan.step_cases, plan.step_impls, plan.budget_s = [StepCase((1, 2, 4, 4), torch.float32)], ("torch.compile",), -1.0
+    results = runner.run_benchmarks(plan, CPU, tmp_path, plots=False)
+    [record] = results["records"]
+    assert record["skipped"] == "time budget of -1 s spent (--budget-s)" and record["error"] is None
+    assert records.outcome(record) == "skipped"
+    assert [len(v) for v in runner.summarize_outcomes(results["records"]).values()] == [0, 1, 0, 0]
 
 
 def test_bench_without_matplotlib_says_so_and_lists_no_plots(tmp_path, monkeypatch, capsys):

@@ -250,7 +250,7 @@ def run_loop_impl(case: LoopCase, impl: str, device: torch.device, plan: Plan) -
         unet = torch.nn.Module.to(copy.deepcopy(base_unet), device=device, dtype=case.dtype)
         free_memory(device)
         pipe = implementation.build(unet, scheduler_config)
-        # After building: torch._dynamo.reset() there may clear the counters.
+        # After building: resetting Dynamo there may clear the counters.
         skips_before = compat.cudagraph_skip_count()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

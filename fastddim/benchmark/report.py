@@ -17,6 +17,7 @@ LOOP_ORDER = tuple(LOOP_IMPLEMENTATIONS)
 
 
 def fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
+    """A figure for a table, or a dash where it was not measured."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return f"{value:{spec}}{suffix}"

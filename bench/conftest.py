@@ -2,7 +2,7 @@
 
 GPU cases (marker ``gpu``) are skipped without CUDA; a few CPU cases (torch backend, tiny shapes) always run, so the
 suite does something in CPU CI. GPU callables synchronize before returning (pytest-benchmark's timer is host wall
-time); CUDA-event medians (L2 flushed) and graph-replay medians go into each benchmark's ``extra_info``.
+time); device-time medians (triton.testing.do_bench, L2 flushed) and graph-replay medians go into each benchmark's ``extra_info``.
 
 Regression workflow (one storage folder per device, so runs are only compared on the same GPU)::
 
@@ -65,7 +65,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-    from fastddim.benchmark import environment_info
+    from fastddim.benchmark.environment import environment_info
 
     env = environment_info()
     machine_info["fastddim"] = {key: env.get(key) for key in MACHINE_INFO_KEYS}

@@ -12,7 +12,9 @@ import warnings
 import pytest
 import torch
 
-from fastddim import benchmark as fb
+from fastddim.benchmark import loop
+from fastddim.benchmark.cases import DTYPE_NAMES
+from fastddim.timing import sync
 
 F16, F32 = torch.float16, torch.float32
 
@@ -30,22 +32,22 @@ GPU_STEPS, CPU_STEPS = 50, 10
 
 
 def _params(loops: list[tuple]) -> list:
-    return [pytest.param(*loop, id=f"{loop[0]}-b{loop[1]}-{fb.DTYPE_NAMES[loop[2]]}-{loop[3]}") for loop in loops]
+    return [pytest.param(*loop, id=f"{loop[0]}-b{loop[1]}-{DTYPE_NAMES[loop[2]]}-{loop[3]}") for loop in loops]
 
 
 def _run_loop(
     benchmark: object, model: str, batch: int, dtype: torch.dtype, impl: str, device: torch.device, steps: int
 ) -> None:
-    base_unet, scheduler_config, weights = fb.load_unet(model)
+    base_unet, scheduler_config, weights = loop.load_unet(model)
     unet = torch.nn.Module.to(copy.deepcopy(base_unet), device=device, dtype=dtype)
     try:
-        pipe = fb.build_loop(impl, unet, scheduler_config)
-    except fb.SkipCase as skip:
+        pipe = loop.build_loop(impl, unet, scheduler_config)
+    except loop.SkipCase as skip:
         pytest.skip(str(skip))
 
     def target() -> None:
         pipe(batch, steps)
-        fb.sync(device)
+        sync(device)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -54,7 +56,7 @@ def _run_loop(
         start = time.perf_counter()
         target()
         first_s = time.perf_counter() - start
-        benchmark.group = f"loop {model} batch={batch} {fb.DTYPE_NAMES[dtype]} steps={steps}"
+        benchmark.group = f"loop {model} batch={batch} {DTYPE_NAMES[dtype]} steps={steps}"
         benchmark.pedantic(target, rounds=3, warmup_rounds=1, iterations=1)
     fallbacks = [str(w.message) for w in caught if "eager" in str(w.message)]
     assert not (impl == "fastddim-graph" and fallbacks), f"CUDA-graph capture fell back to eager: {fallbacks[0]}"

@@ -1,14 +1,17 @@
 """Regression benchmarks of one DDIM step (pytest-benchmark); workflow in ``bench/conftest.py``.
 
 GPU cases time ``steps`` consecutive steps followed by ``torch.cuda.synchronize()`` per round (host wall time, launch
-overhead included); ``extra_info`` adds the per-step host time, the CUDA-event median with a flushed L2 (device time)
-and GB/s. Every case checks its output against diffusers in fp32 before it is timed.
+overhead included); ``extra_info`` adds the per-step host time, the device-time median (``triton.testing.do_bench``,
+L2 flushed, through `fastddim.timing`) and GB/s. Every case checks its output against diffusers in fp32 before it is
+timed.
 """
 
 import pytest
 import torch
 
-from fastddim import benchmark as fb
+from fastddim import timing
+from fastddim.benchmark import step as bench_step
+from fastddim.benchmark.cases import StepCase
 
 F16, F32 = torch.float16, torch.float32
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
@@ -16,20 +19,20 @@ CPU = torch.device("cpu")
 
 # (case, implementations). diffusers is timed at two sizes only: context for the fastddim figures, not a target.
 GPU_CASES = [
-    (fb.StepCase((1, 4, 64, 64), F16), ("fastddim", "fastddim-graph", "diffusers")),
-    (fb.StepCase((16, 4, 128, 128), F16), ("fastddim", "fastddim-graph", "diffusers")),
-    (fb.StepCase((16, 4, 128, 128), F32), ("fastddim", "fastddim-graph")),
-    (fb.StepCase((16, 4, 128, 128), F16, eta=1.0), ("fastddim", "fastddim-graph")),
-    (fb.StepCase((64, 4, 512, 512), F16), ("fastddim", "fastddim-graph")),
-    (fb.StepCase((16, 3, 64, 64), F32, thresholding=True), ("fastddim", "fastddim-graph")),
+    (StepCase((1, 4, 64, 64), F16), ("fastddim", "fastddim-graph", "diffusers")),
+    (StepCase((16, 4, 128, 128), F16), ("fastddim", "fastddim-graph", "diffusers")),
+    (StepCase((16, 4, 128, 128), F32), ("fastddim", "fastddim-graph")),
+    (StepCase((16, 4, 128, 128), F16, eta=1.0), ("fastddim", "fastddim-graph")),
+    (StepCase((64, 4, 512, 512), F16), ("fastddim", "fastddim-graph")),
+    (StepCase((16, 3, 64, 64), F32, thresholding=True), ("fastddim", "fastddim-graph")),
 ]
 CPU_CASES = [
-    (fb.StepCase((1, 4, 32, 32), F32), ("fastddim", "diffusers")),
-    (fb.StepCase((2, 4, 64, 64), F32, eta=1.0), ("fastddim", "diffusers")),
+    (StepCase((1, 4, 32, 32), F32), ("fastddim", "diffusers")),
+    (StepCase((2, 4, 64, 64), F32, eta=1.0), ("fastddim", "diffusers")),
 ]
 
 
-def _params(cases: list[tuple[fb.StepCase, tuple[str, ...]]]) -> list:
+def _params(cases: list[tuple[StepCase, tuple[str, ...]]]) -> list:
     return [
         pytest.param(case, impl, id=f"{case.label.replace(' ', '-')}-{impl}")
         for case, impls in cases
@@ -37,18 +40,18 @@ def _params(cases: list[tuple[fb.StepCase, tuple[str, ...]]]) -> list:
     ]
 
 
-def _checked_step(case: fb.StepCase, impl: str, device: torch.device) -> tuple[fb.StepInputs, object, int]:
+def _checked_step(case: StepCase, impl: str, device: torch.device) -> tuple[bench_step.StepInputs, object, int]:
     """(inputs, callable running one step or one graph replay, steps per call), after a correctness check."""
-    inputs = fb.make_step_inputs(case, device)
+    inputs = bench_step.make_step_inputs(case, device)
     if impl == "diffusers":
-        step, in_kernel = fb.diffusers_step_fn(inputs), False
+        step, in_kernel = bench_step.diffusers_step_fn(inputs), False
     else:
-        step, in_kernel = fb.fastddim_step_fn(inputs)
-    check = fb.verify_step(inputs, step(), in_kernel_noise=in_kernel)
+        step, in_kernel = bench_step.fastddim_step_fn(inputs)
+    check = bench_step.verify_step(inputs, step(), in_kernel_noise=in_kernel)
     assert check["passed"], f"{impl} output differs from diffusers: {check}"
     if impl == "fastddim-graph":
-        unroll = fb.graph_unroll(case.numel)
-        return inputs, fb.capture_graph(step, device, unroll=unroll)[0].replay, unroll
+        unroll = timing.graph_unroll(case.numel)
+        return inputs, timing.capture_graph(step, device, unroll=unroll)[0].replay, unroll
     return inputs, step, 1
 
 
@@ -60,7 +63,7 @@ def _median_s(benchmark: object) -> float | None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("case", "impl"), _params(GPU_CASES))
-def test_step_gpu(benchmark: object, case: fb.StepCase, impl: str) -> None:
+def test_step_gpu(benchmark: object, case: StepCase, impl: str) -> None:
     with torch.no_grad():
         inputs, fn, unroll = _checked_step(case, impl, CUDA)
         # About 20 steps per round below 2^22 elements (launch-bound), 2 above (bandwidth-bound).
@@ -75,9 +78,9 @@ def test_step_gpu(benchmark: object, case: fb.StepCase, impl: str) -> None:
         benchmark.group = f"step {case.label}"
         benchmark.pedantic(target, rounds=30, warmup_rounds=3, iterations=1)
         steps = calls * unroll
-        gpu = fb.summarize([sample / unroll for sample in fb.time_cuda_events(fn, CUDA, reps=30)])
+        gpu = {key: value / unroll for key, value in timing.device_time_us(fn, CUDA).items() if key != "n_samples"}
     reads_noise = case.eta > 0 and impl == "diffusers"
-    bytes_per_step = fb.bytes_per_step(case, reads_noise)
+    bytes_per_step = bench_step.bytes_per_step(case, reads_noise)
     median_s = _median_s(benchmark)
     benchmark.extra_info.update(
         steps_per_round=steps,
@@ -92,7 +95,7 @@ def test_step_gpu(benchmark: object, case: fb.StepCase, impl: str) -> None:
 
 
 @pytest.mark.parametrize(("case", "impl"), _params(CPU_CASES))
-def test_step_cpu(benchmark: object, case: fb.StepCase, impl: str) -> None:
+def test_step_cpu(benchmark: object, case: StepCase, impl: str) -> None:
     with torch.no_grad():
         _, fn, _ = _checked_step(case, impl, CPU)
         benchmark.group = f"cpu step {case.label}"

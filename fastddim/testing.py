@@ -1,103 +1,55 @@
-"""Performance guards for your own CI: keep fastddim's step (or your sampling loop) within a margin of a baseline.
+"""Performance regression checks for your own CI, on pytest-benchmark: fastddim's step and your loop, at your shapes.
 
-Baselines are JSON files keyed by device name (``torch.cuda.get_device_name()``, or ``cpu: <model>``). A measurement
-is only ever compared with a baseline recorded on a device of the same name; when the current device has none, the
-measurement is recorded as its baseline and the check is skipped with a message (commit the updated file).
-
-As a pytest plugin (``pytest -p fastddim.testing``, or ``pytest_plugins = ["fastddim.testing"]`` in your root
-``conftest.py``), it provides the ``fastddim_perf`` fixture::
+Load the plugin with ``pytest -p fastddim.testing`` (or ``pytest_plugins = ["fastddim.testing"]`` in your root
+``conftest.py``); it needs pytest-benchmark (``pip install pytest-benchmark``) and provides the ``fastddim_perf``
+fixture, one measurement per test (as pytest-benchmark's ``benchmark`` fixture, which it wraps)::
 
     import torch
 
-    def test_fastddim_step_speed(fastddim_perf):
-        fastddim_perf.step((2, 4, 64, 64), torch.float16)                 # eager step, device timestep
-        fastddim_perf.step((2, 4, 64, 64), torch.float16, cuda_graph=True)  # the step replayed from a CUDA graph
+    def test_fastddim_step(fastddim_perf):
+        fastddim_perf.step((2, 4, 64, 64), torch.float16)                  # eager step, device timestep
 
-    def test_my_loop_speed(fastddim_perf, my_pipe):
-        fastddim_perf.loop("my-pipe/batch4", lambda: my_pipe(batch_size=4, output_type="pt"))
+    def test_fastddim_step_graph(fastddim_perf):
+        fastddim_perf.step((2, 4, 64, 64), torch.float16, cuda_graph=True)  # replayed from a CUDA graph
 
-    # pytest -p fastddim.testing --fastddim-perf-baseline perf/fastddim.json [--fastddim-perf-margin 0.15]
-    # pytest -p fastddim.testing --fastddim-perf-update     # re-record this device's baselines
+    def test_my_loop(fastddim_perf, my_pipe):
+        fastddim_perf.loop(lambda: my_pipe(batch_size=4, output_type="pt"))
 
-Options: ``--fastddim-perf-baseline PATH`` (default ``fastddim-perf-baseline.json`` in pytest's rootdir),
-``--fastddim-perf-margin`` (default 0.10: fail when the median is more than 10 % slower), ``--fastddim-perf-update``.
+Baselines and the regression gate are pytest-benchmark's own, one storage folder per device::
 
-Without the plugin::
+    DEV=$(python -m fastddim.benchmark --print-device-slug)
+    pytest -p fastddim.testing --benchmark-storage=perf/$DEV --benchmark-save=baseline        # record
+    pytest -p fastddim.testing --benchmark-storage=perf/$DEV \\
+        --benchmark-compare --benchmark-compare-fail=median:10%                                 # gate
 
-    from fastddim.testing import assert_step_within_baseline, measure_step
-
-    assert_step_within_baseline("perf/fastddim.json", shape=(2, 4, 64, 64), dtype=torch.float16, margin=0.10)
-    print(measure_step((2, 4, 64, 64), torch.float16)["median_us"])
-
-Timing is host wall time of back-to-back calls with a synchronize per round (what a sampling loop feels), median
-over rounds. A regression is re-measured once before it fails, so a single noisy round does not fail CI. Medians on
-shared cloud GPUs vary by a few percent: margins below 5-10 % will flake.
+Saved runs record the device and the torch, triton, diffusers and fastddim versions in ``machine_info["fastddim"]``;
+comparing runs of two different devices is refused (a usage error) rather than reported as a regression. Each round
+is host wall time of back-to-back calls followed by a synchronize (what a sampling loop feels); on CUDA the device
+time of one step (``triton.testing.do_bench``, L2 flushed) is added to ``extra_info``. Medians on shared cloud GPUs
+move by a few percent between runs: gate at 10 %, not 2 %.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import math
-import os
-import warnings
-from collections.abc import Callable, Mapping
-from pathlib import Path
+import importlib.metadata
+import time
+from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 
-from fastddim import benchmark
+from fastddim.timing import capture_graph, default_device, device_name, device_time_us, graph_unroll, sync
+from fastddim.utils import normalize_device
 
-try:
-    import pytest
-except ImportError:  # measuring and comparing work without pytest; only the plugin and skips need it
-    pytest = None
+__all__ = ["PerfGuard", "fastddim_machine_info", "step_callable"]
 
-BASELINE_FORMAT = "fastddim-perf-baseline"
-BASELINE_VERSION = 1
-DEFAULT_BASELINE_FILE = "fastddim-perf-baseline.json"
-DEFAULT_MARGIN = 0.10
-
-__all__ = [
-    "PerfGuard",
-    "PerfRegressionError",
-    "assert_step_within_baseline",
-    "assert_within_baseline",
-    "check_within_baseline",
-    "load_baseline",
-    "measure_loop",
-    "measure_step",
-    "save_baseline",
-    "step_key",
-]
+# Steps per timed round: enough back-to-back launches below 2^22 elements (launch-bound) that one synchronize does not
+# dominate, few above (bandwidth-bound).
+SMALL_STEPS_PER_ROUND, LARGE_STEPS_PER_ROUND = 20, 2
 
 
-class PerfRegressionError(AssertionError):
-    """A measurement is slower than its baseline by more than the margin."""
-
-
-# ------------------------------------------------------------------------------------------------ measuring
-
-
-def step_key(
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    *,
-    eta: float = 0.0,
-    thresholding: bool = False,
-    cuda_graph: bool = False,
-) -> str:
-    """The baseline key of a step measurement, e.g. ``step/2x4x64x64/fp16/eta=0/graph``."""
-    dtype_name = benchmark.DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-    parts = ["step", "x".join(map(str, shape)), dtype_name, f"eta={eta:g}"]
-    if thresholding:
-        parts.append("thresholding")
-    parts.append("graph" if cuda_graph else "eager")
-    return "/".join(parts)
-
-
-def measure_step(
+def step_callable(
     shape: tuple[int, ...],
     dtype: torch.dtype = torch.float16,
     *,
@@ -105,329 +57,203 @@ def measure_step(
     thresholding: bool = False,
     cuda_graph: bool = False,
     device: str | torch.device | None = None,
-    num_inference_steps: int = benchmark.NUM_INFERENCE_STEPS,
-    rounds: int = 9,
-    target_round_s: float = 0.02,
-) -> dict[str, Any]:
-    """Times ``fastddim.DDIMScheduler.step`` at one shape, as a sampling loop calls it.
+    num_inference_steps: int = 50,
+) -> tuple[Callable[[], Any], int]:
+    """fastddim's ``DDIMScheduler.step`` at one shape, ready to time, as a sampling loop calls it.
+
+    Inputs are seeded N(0, 1) tensors at a mid-schedule timestep, given as a 0-dim device tensor; on CUDA, eta > 0
+    draws the noise in the kernel.
 
     Args:
         shape (`tuple[int, ...]`): the sample shape, batch first.
         dtype (`torch.dtype`, defaults to `torch.float16`): sample and model-output dtype.
-        eta (`float`, defaults to 0.0): DDIM eta; on CUDA, eta > 0 draws the noise in the kernel.
+        eta (`float`, defaults to 0.0): DDIM eta.
         thresholding (`bool`, defaults to `False`): dynamic thresholding (with ``clip_sample=False``).
-        cuda_graph (`bool`, defaults to `False`): time replays of the step captured in a CUDA graph (CUDA only).
-        device (`str` or `torch.device`, *optional*): defaults to CUDA when available, else CPU (torch backend).
-        num_inference_steps (`int`, defaults to 50): the schedule the timestep is taken from (its middle).
-        rounds (`int`, defaults to 9): timed rounds; the median of their per-call times is reported.
-        target_round_s (`float`, defaults to 0.02): approximate duration of one round of back-to-back calls.
+        cuda_graph (`bool`, defaults to `False`): replay steps captured in a CUDA graph (CUDA only).
+        device (`str` or `torch.device`, *optional*): defaults to CUDA when available, else the CPU (torch backend).
+        num_inference_steps (`int`, defaults to 50): the schedule the timestep is taken from.
 
     Returns:
-        `dict`: ``key``, ``device``, ``median_us``, ``p20_us``, ``p25_us``, ``p75_us``, ``p80_us``, ``iqr_us``,
-        ``n_samples``, ``method``, ``environment``.
+        `tuple`: (a callable running the step, or one graph replay; how many steps one call runs).
     """
-    device = benchmark._resolve_device(device)
+    import fastddim
+
+    device = default_device() if device is None else normalize_device(device)
     if cuda_graph and device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    case = benchmark.StepCase(tuple(int(s) for s in shape), dtype, float(eta), bool(thresholding))
+        raise ValueError(f"cuda_graph=True needs a CUDA device, got device={device}")
+    config = {"thresholding": True, "clip_sample": False} if thresholding else {}
+    scheduler = fastddim.DDIMScheduler(**config)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timestep = scheduler.timesteps[len(scheduler.timesteps) // 2]
+    generator = torch.Generator("cpu").manual_seed(0)
+    model_output = torch.randn(shape, generator=generator).to(device, dtype)
+    sample = torch.randn(shape, generator=generator).to(device, dtype)
+    # On a CPU the step would draw its noise with torch.randn; pre-drawn noise keeps the RNG out of the timing there.
+    noise = {}
+    if eta > 0 and device.type != "cuda":
+        noise = {"variance_noise": torch.randn(shape, generator=generator).to(device, dtype)}
+
+    def step() -> Any:
+        return scheduler.step(model_output, timestep, sample, eta=eta, return_dict=False, **noise)
+
     with torch.no_grad():
-        inputs = benchmark.make_step_inputs(case, device, num_inference_steps)
-        fn, _ = benchmark.fastddim_step_fn(inputs)
-        unroll = 1
-        if cuda_graph:
-            unroll = benchmark.graph_unroll(case.numel)
-            fn = benchmark.capture_graph(fn, device, unroll=unroll)[0].replay
-        # Warm-up: Triton compilation, coefficient tables, allocator.
-        for _ in range(3):
-            fn()
-        samples = benchmark.time_wall(fn, device, rounds=rounds, target_round_s=target_round_s)
-    stats = benchmark.summarize([sample / unroll for sample in samples])
-    return {
-        "key": step_key(case.shape, dtype, eta=eta, thresholding=thresholding, cuda_graph=cuda_graph),
-        "device": benchmark.device_name(device),
-        **stats,
-        "method": "host wall, back-to-back calls, synchronize per round; per step",
-        "environment": _short_environment(device),
+        step()
+        if not cuda_graph:
+            return step, 1
+        unroll = graph_unroll(model_output.numel())
+        graph, _ = capture_graph(step, device, unroll=unroll)
+    return graph.replay, unroll
+
+
+def fastddim_machine_info(device: str | torch.device | None = None) -> dict[str, Any]:
+    """What a saved run records under ``machine_info["fastddim"]``: the device and library versions (no date)."""
+    device = default_device() if device is None else normalize_device(device)
+    info: dict[str, Any] = {
+        "device": device_name(device),
+        "cuda_version": torch.version.cuda,
+        "torch": torch.__version__,
     }
-
-
-def measure_loop(
-    call: Callable[[], Any],
-    *,
-    key: str,
-    device: str | torch.device | None = None,
-    rounds: int = 3,
-    warmup: int = 1,
-) -> dict[str, Any]:
-    """Times whole calls of ``call`` (e.g. ``lambda: pipe(batch_size=4, output_type="pt")``), synchronized.
-
-    The first call (capture, compilation) and ``warmup`` more are not timed; ``first_call_us`` reports the first.
-
-    Returns:
-        `dict`: as `measure_step`, plus ``first_call_us``.
-    """
-    device = benchmark._resolve_device(device)
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    first = benchmark.time_wall(call, device, rounds=1, calls_per_round=1)[0]
-    for _ in range(warmup):
-        call()
-    samples = benchmark.time_wall(call, device, rounds=rounds, calls_per_round=1)
-    return {
-        "key": key,
-        "device": benchmark.device_name(device),
-        **benchmark.summarize(samples),
-        "first_call_us": first,
-        "method": "host wall per call, synchronized",
-        "environment": _short_environment(device),
-    }
-
-
-def _short_environment(device: torch.device) -> dict[str, Any]:
-    env = benchmark.environment_info(device)
-    keys = ("date", "driver_version", "cuda_version", "torch", "triton", "diffusers", "fastddim", "FASTDDIM_BACKEND")
-    return {key: env.get(key) for key in keys}
-
-
-# ------------------------------------------------------------------------------------------------ baselines
-
-
-def _empty_baseline() -> dict[str, Any]:
-    return {"format": BASELINE_FORMAT, "version": BASELINE_VERSION, "devices": {}}
-
-
-def load_baseline(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Reads a baseline file; a missing file is an empty baseline."""
-    path = Path(path)
-    if not path.exists():
-        return _empty_baseline()
-    data = json.loads(path.read_text())
-    if (
-        not isinstance(data, dict)
-        or data.get("format") != BASELINE_FORMAT
-        or not isinstance(data.get("devices"), dict)
-    ):
-        raise ValueError(f"{path} is not a fastddim performance baseline (format {BASELINE_FORMAT!r})")
-    return data
-
-
-def save_baseline(baseline: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    """Writes a baseline file (sorted keys, so diffs stay small), creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(baseline, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def _baseline_entry(measurement: Mapping[str, Any]) -> dict[str, Any]:
-    entry = {k: measurement[k] for k in ("median_us", "p20_us", "p80_us", "iqr_us", "n_samples") if k in measurement}
-    entry["recorded"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    entry["environment"] = dict(measurement.get("environment", {}))
-    return entry
-
-
-def check_within_baseline(
-    measurement: Mapping[str, Any],
-    baseline: str | os.PathLike[str] | dict[str, Any],
-    *,
-    margin: float = DEFAULT_MARGIN,
-    record_missing: bool = True,
-    update: bool = False,
-) -> dict[str, Any]:
-    """Compares a `measure_step`/`measure_loop` result with the baseline of the same key on the same device.
-
-    Args:
-        measurement (`dict`): with ``key``, ``device`` and ``median_us``.
-        baseline (path or `dict`): a baseline file (created if missing) or its loaded dict (updated in place).
-        margin (`float`, defaults to 0.10): allowed slowdown; fails when median > baseline median x (1 + margin).
-        record_missing (`bool`, defaults to `True`): store the measurement when this device/key has no baseline.
-        update (`bool`, defaults to `False`): overwrite the stored baseline instead of comparing.
-
-    Returns:
-        `dict`: ``status`` (``"pass"``, ``"recorded"``, ``"updated"`` or ``"missing"``), ``ratio`` (measured /
-        baseline median, or None), ``limit_us``, ``baseline_us``, ``message``.
-
-    Raises:
-        PerfRegressionError: the measurement is slower than allowed.
-    """
-    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
-        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
-    for field in ("key", "device", "median_us"):
-        if field not in measurement:
-            raise KeyError(f"measurement lacks {field!r}: pass the dict returned by measure_step or measure_loop")
-    path = None if isinstance(baseline, dict) else Path(baseline)
-    data = load_baseline(path) if path is not None else baseline
-    data.setdefault("format", BASELINE_FORMAT)
-    data.setdefault("version", BASELINE_VERSION)
-    devices = data.setdefault("devices", {})
-    key, device, median = measurement["key"], measurement["device"], float(measurement["median_us"])
-    # Only the exact device name counts: a baseline from another GPU (or CPU) says nothing about this one.
-    stored = devices.get(device, {}).get(key)
-    if stored is None or update:
-        if not (record_missing or update):
-            return {
-                "status": "missing",
-                "ratio": None,
-                "limit_us": None,
-                "baseline_us": None,
-                "message": f"no baseline for {key!r} on {device!r}",
-            }
-        devices.setdefault(device, {})[key] = _baseline_entry(measurement)
-        if path is not None:
-            save_baseline(data, path)
-        where = f" in {path}" if path is not None else ""
-        status = "updated" if stored is not None else "recorded"
-        return {
-            "status": status,
-            "ratio": None,
-            "limit_us": None,
-            "baseline_us": median,
-            "message": f"{status} baseline {median:.2f} µs for {key!r} on {device!r}{where}",
-        }
-    baseline_us = float(stored["median_us"])
-    limit = baseline_us * (1 + margin)
-    ratio = median / baseline_us if baseline_us > 0 else math.inf
-    message = (
-        f"{key} on {device}: median {median:.2f} µs vs baseline {baseline_us:.2f} µs "
-        f"({ratio:.2f}x, limit {limit:.2f} µs = +{margin:.0%})"
-    )
-    if median > limit:
-        raise PerfRegressionError(f"performance regression: {message}")
-    return {"status": "pass", "ratio": ratio, "limit_us": limit, "baseline_us": baseline_us, "message": message}
-
-
-def assert_within_baseline(
-    measure: Callable[[], Mapping[str, Any]],
-    baseline: str | os.PathLike[str] | dict[str, Any],
-    *,
-    margin: float = DEFAULT_MARGIN,
-    update: bool = False,
-    retries: int = 1,
-) -> dict[str, Any]:
-    """Measures with ``measure()`` and checks against the baseline; re-measures up to ``retries`` times on a regression.
-
-    The fastest median of the attempts is compared, so one noisy attempt does not fail. When no baseline exists for
-    this device (or ``update``), the measurement is recorded and the calling test is skipped with a message
-    (outside pytest, a warning is issued instead).
-
-    Returns:
-        `dict`: the measurement, with the check result under ``"check"``.
-
-    Raises:
-        PerfRegressionError: every attempt was slower than allowed.
-    """
-    measurement = dict(measure())
-    for attempt in range(retries + 1):
+    for name in ("triton", "diffusers", "fastddim"):
         try:
-            result = check_within_baseline(measurement, baseline, margin=margin, update=update)
-            break
-        except PerfRegressionError:
-            if attempt == retries:
-                raise
-            again = measure()
-            if again["median_us"] < measurement["median_us"]:
-                measurement = dict(again)
-    measurement["check"] = result
-    if result["status"] in ("recorded", "updated"):
-        message = f"fastddim perf: {result['message']}; nothing to compare against yet"
-        if pytest is not None and os.environ.get("PYTEST_CURRENT_TEST"):
-            pytest.skip(message)
-        warnings.warn(message, stacklevel=2)
-    return measurement
-
-
-def assert_step_within_baseline(
-    baseline: str | os.PathLike[str] | dict[str, Any],
-    *,
-    shape: tuple[int, ...],
-    dtype: torch.dtype = torch.float16,
-    margin: float = DEFAULT_MARGIN,
-    update: bool = False,
-    retries: int = 1,
-    **measure_kwargs: Any,
-) -> dict[str, Any]:
-    """`measure_step` at ``shape``/``dtype`` (and ``measure_kwargs``), checked with `assert_within_baseline`.
-
-    Example::
-
-        assert_step_within_baseline("perf/fastddim.json", shape=(2, 4, 64, 64), dtype=torch.float16, margin=0.1)
-    """
-    return assert_within_baseline(
-        lambda: measure_step(shape, dtype, **measure_kwargs), baseline, margin=margin, update=update, retries=retries
-    )
-
-
-# ------------------------------------------------------------------------------------------------ pytest plugin
+            info[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            info[name] = None
+    return info
 
 
 class PerfGuard:
-    """What the ``fastddim_perf`` fixture returns: measure-and-check methods bound to one baseline file and margin."""
+    """What the ``fastddim_perf`` fixture returns: pytest-benchmark measurements of fastddim's step or your loop."""
 
-    def __init__(
-        self, baseline: str | os.PathLike[str] | dict[str, Any], margin: float = DEFAULT_MARGIN, update: bool = False
-    ):
-        self.baseline = baseline
-        self.margin = margin
-        self.update = update
+    def __init__(self, benchmark: Any):
+        self.benchmark = benchmark
 
     def step(
         self,
         shape: tuple[int, ...],
         dtype: torch.dtype = torch.float16,
         *,
-        margin: float | None = None,
-        **measure_kwargs: Any,
+        rounds: int = 20,
+        warmup_rounds: int = 2,
+        steps_per_round: int | None = None,
+        **step_kwargs: Any,
     ) -> dict[str, Any]:
-        """Checks fastddim's step at ``shape``/``dtype``; see `measure_step` for ``measure_kwargs``."""
-        return assert_step_within_baseline(
-            self.baseline,
-            shape=shape,
-            dtype=dtype,
-            margin=self.margin if margin is None else margin,
-            update=self.update,
-            **measure_kwargs,
-        )
+        """Times fastddim's step at ``shape``/``dtype`` with pytest-benchmark.
+
+        Args:
+            shape (`tuple[int, ...]`): the sample shape, batch first.
+            dtype (`torch.dtype`, defaults to `torch.float16`): sample and model-output dtype.
+            rounds (`int`, defaults to 20): timed rounds; each runs ``steps_per_round`` steps, then synchronizes.
+            warmup_rounds (`int`, defaults to 2): untimed rounds first.
+            steps_per_round (`int`, *optional*): defaults to 20 below 2^22 elements, else 2.
+            **step_kwargs: ``eta``, ``thresholding``, ``cuda_graph``, ``device``, ``num_inference_steps`` of
+                `step_callable`.
+
+        Returns:
+            `dict`: the ``extra_info`` saved with the run: ``host_us_per_step`` (median), ``steps_per_round`` and,
+            on CUDA, ``device_us_per_step``.
+        """
+        device = normalize_device(step_kwargs.get("device") or default_device())
+        step_kwargs["device"] = device
+        fn, unroll = step_callable(shape, dtype, **step_kwargs)
+        numel = 1
+        for size in shape:
+            numel *= int(size)
+        if steps_per_round is None:
+            steps_per_round = SMALL_STEPS_PER_ROUND if numel < 1 << 22 else LARGE_STEPS_PER_ROUND
+        calls = max(1, steps_per_round // unroll)
+
+        def one_round() -> None:
+            for _ in range(calls):
+                fn()
+            sync(device)
+
+        with torch.no_grad():
+            self.benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+            device_us = None
+            if device.type == "cuda":
+                device_us = device_time_us(fn, device)["median_us"] / unroll
+        steps = calls * unroll
+        median_s = _median_s(self.benchmark)
+        info = {
+            "shape": list(shape),
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device),
+            "steps_per_round": steps,
+            "host_us_per_step": None if median_s is None else median_s * 1e6 / steps,
+            "device_us_per_step": device_us,
+            **{key: value for key, value in step_kwargs.items() if key != "device"},
+        }
+        self.benchmark.extra_info.update(info)
+        return info
 
     def loop(
-        self, key: str, call: Callable[[], Any], *, margin: float | None = None, **measure_kwargs: Any
+        self,
+        call: Callable[[], Any],
+        *,
+        device: str | torch.device | None = None,
+        rounds: int = 5,
+        warmup_rounds: int = 1,
     ) -> dict[str, Any]:
-        """Checks whole calls of ``call`` under the baseline key ``key``; see `measure_loop` for ``measure_kwargs``."""
-        return assert_within_baseline(
-            lambda: measure_loop(call, key=key, **measure_kwargs),
-            self.baseline,
-            margin=self.margin if margin is None else margin,
-            update=self.update,
-        )
+        """Times whole calls of ``call`` (e.g. ``lambda: pipe(batch_size=4, output_type="pt")``), synchronized.
+
+        The first call (CUDA-graph capture, compilation) is timed on its own, then ``warmup_rounds`` untimed calls.
+
+        Args:
+            call (`Callable[[], Any]`): one sampling loop.
+            device (`str` or `torch.device`, *optional*): the device to synchronize; defaults to CUDA when available.
+            rounds (`int`, defaults to 5): timed calls.
+            warmup_rounds (`int`, defaults to 1): untimed calls after the first.
+
+        Returns:
+            `dict`: the ``extra_info`` saved with the run: ``first_call_s`` and ``median_call_s``.
+        """
+        device = default_device() if device is None else normalize_device(device)
+
+        def one_call() -> None:
+            call()
+            sync(device)
+
+        sync(device)
+        start = time.perf_counter()
+        one_call()
+        first_s = time.perf_counter() - start
+        self.benchmark.pedantic(one_call, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+        info = {"device": str(device), "first_call_s": first_s, "median_call_s": _median_s(self.benchmark)}
+        self.benchmark.extra_info.update(info)
+        return info
 
 
-if pytest is not None:
+def _median_s(benchmark: Any) -> float | None:
+    # None under --benchmark-disable, where pedantic runs the target once and keeps no statistics.
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    return getattr(stats, "median", None)
 
-    def pytest_addoption(parser: pytest.Parser) -> None:
-        """Registers the ``--fastddim-perf-*`` options."""
-        group = parser.getgroup("fastddim", "fastddim performance baselines")
-        group.addoption(
-            "--fastddim-perf-baseline",
-            default=None,
-            help=f"baseline JSON for the fastddim_perf fixture (default: <rootdir>/{DEFAULT_BASELINE_FILE})",
-        )
-        group.addoption(
-            "--fastddim-perf-margin",
-            type=float,
-            default=DEFAULT_MARGIN,
-            help=f"allowed slowdown before fastddim_perf fails, as a fraction (default: {DEFAULT_MARGIN})",
-        )
-        group.addoption(
-            "--fastddim-perf-update",
-            action="store_true",
-            help="re-record this device's baselines instead of comparing",
-        )
 
-    @pytest.fixture
-    def fastddim_perf(request: pytest.FixtureRequest) -> PerfGuard:
-        """Measure-and-compare helper bound to ``--fastddim-perf-baseline`` and ``--fastddim-perf-margin``."""
-        config = request.config
-        path = config.getoption("--fastddim-perf-baseline") or Path(config.rootpath) / DEFAULT_BASELINE_FILE
-        return PerfGuard(path, config.getoption("--fastddim-perf-margin"), config.getoption("--fastddim-perf-update"))
+@pytest.fixture
+def fastddim_perf(request: pytest.FixtureRequest) -> PerfGuard:
+    """pytest-benchmark measurements of fastddim's step (``.step``) or your sampling loop (``.loop``)."""
+    try:
+        benchmark = request.getfixturevalue("benchmark")
+    except pytest.FixtureLookupError:
+        pytest.fail("fastddim_perf needs pytest-benchmark: pip install pytest-benchmark", pytrace=False)
+    return PerfGuard(benchmark)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """Records the device and library versions with every saved run."""
+    machine_info["fastddim"] = fastddim_machine_info()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_compare_machine_info(
+    config: pytest.Config, benchmarksession: object, machine_info: dict, compared_benchmark: dict
+) -> None:
+    """Refuses to compare runs of two devices: a different GPU is not a regression."""
+    saved = (compared_benchmark.get("machine_info") or {}).get("fastddim") or {}
+    current = machine_info.get("fastddim") or {}
+    if saved.get("device") and current.get("device") and saved["device"] != current["device"]:
+        raise pytest.UsageError(
+            f"refusing to compare benchmarks of {saved['device']!r} with this {current['device']!r}: use one "
+            "--benchmark-storage folder per device"
+        )

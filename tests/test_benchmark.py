@@ -1,7 +1,10 @@
-"""CPU tests of the benchmark harness (``fastddim.benchmark``) and the CI helpers (``fastddim.testing``)."""
+"""CPU tests of the benchmark harness (`fastddim.benchmark`), ``fastddim bench`` as a CI step, the timing module, the
+targets script (``bench/targets.py``) and the users' CI plugin (`fastddim.testing`)."""
 
 import argparse
+import dataclasses
 import functools
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,33 +13,32 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastddim import benchmark as fb
-from fastddim import testing as ft
+from fastddim import cli, timing
+from fastddim.benchmark import command, loop, records, runner, step
+from fastddim.benchmark.cases import LoopCase, Plan, StepCase
+from fastddim.benchmark.environment import environment_info
 
 pytest_plugins = ("pytester",)
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On a loaded 2-core machine, torch's default intra-op threads spin against each other: a tiny UNet forward
-    # took ~1 s with 2 threads and ~10 ms with 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    fb.add_arguments(parser)
-    return fb.run(parser.parse_args(argv))
+    command.add_arguments(parser)
+    return command.run(parser.parse_args(argv))
 
 
 def _assert_schema(record: dict) -> None:
-    expected = fb.RECORD_KEYS + (fb.STEP_KEYS if record["benchmark"] == "step" else fb.LOOP_KEYS)
+    expected = records.RECORD_KEYS + (records.STEP_KEYS if record["benchmark"] == "step" else records.LOOP_KEYS)
     assert set(record) == set(expected), record["name"]
+
+
+def _tiny_plan() -> Plan:
+    plan = Plan([], (), [], (), num_inference_steps=10)
+    plan.rounds, plan.target_round_s, plan.max_calls = 2, 0.001, 5
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------ harness
@@ -47,16 +49,16 @@ def test_tiny_run_writes_results_table_and_plots(tmp_path, capsys):
     assert _run(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
 
     results = json.loads((out / "results.json").read_text())
-    assert results["schema_version"] == fb.SCHEMA_VERSION
+    assert results["schema_version"] == records.SCHEMA_VERSION
+    assert "written" not in results
     env = results["environment"]
     for key in ("device", "driver_version", "cuda_version", "torch", "triton", "diffusers", "fastddim", "date"):
         assert key in env
     assert env["device_type"] == "cpu"
-    records = results["records"]
-    for record in records:
+    for record in results["records"]:
         _assert_schema(record)
 
-    steps = [r for r in records if r["benchmark"] == "step"]
+    steps = [r for r in results["records"] if r["benchmark"] == "step"]
     assert {r["impl"] for r in steps} == {"copy", "diffusers", "diffusers-int", "fastddim"}
     timed = [r for r in steps if r["error"] is None]
     assert timed, [r["error"] for r in steps]
@@ -68,10 +70,11 @@ def test_tiny_run_writes_results_table_and_plots(tmp_path, capsys):
             assert record["speedup_vs_diffusers"] > 0 and record["pct_of_copy_bw"] > 0
     eta1 = next(r for r in timed if r["impl"] == "diffusers" and r["config"]["eta"] == 1)
     assert "pre-drawn" in eta1["config"]["noise"]
+    assert eta1["config"]["timestep_kind"].startswith("0-dim device tensor")
     # The noise tensor read counts as traffic: 5 tensors of 2x4x16x16 fp32.
     assert eta1["bytes_per_step"] == 5 * 2048 * 4
 
-    loops = [r for r in records if r["benchmark"] == "loop"]
+    loops = [r for r in results["records"] if r["benchmark"] == "loop"]
     assert {r["impl"] for r in loops} >= {"diffusers"}
     diffusers_loop = next(r for r in loops if r["impl"] == "diffusers" and r["batch_size"] == 1)
     assert diffusers_loop["error"] is None, diffusers_loop["error"]
@@ -80,45 +83,401 @@ def test_tiny_run_writes_results_table_and_plots(tmp_path, capsys):
 
     table = (out / "results.md").read_text()
     assert "| fastddim |" in table and "## Loop" in table and "need a CUDA GPU" in table
-    for name in ("step_us_vs_size.png", "step_latency_vs_size.png", "loop_images_per_s.png"):
+    plots = ("step_us_vs_size.png", "step_latency_vs_size.png", "loop_images_per_s.png")
+    for name in plots:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "need a CUDA GPU" in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert "need a CUDA GPU" in stdout
+    wrote = next(line for line in stdout.splitlines() if line.startswith("Wrote "))
+    for name in ("results.json", "results.md", *plots):
+        assert str(out / name) in wrote
+    n = len(results["records"])
+    assert f"{n} cases: {n} ok, 0 skipped (not errors), 0 failed the correctness check, 0 errored." in stdout
 
 
-def test_loop_plan_and_speedups_over_both_baselines():
+def test_plan_filters_implementations_by_device_and_compile():
     parser = argparse.ArgumentParser()
-    fb.add_arguments(parser)
-    args = parser.parse_args([])
-    assert "fastddim-graph-compiled" in fb.make_plan(args, torch.device("cuda")).loop_impls
-    cpu_impls = fb.make_plan(args, CPU).loop_impls
-    assert not set(cpu_impls) & (set(fb.GRAPH_LOOP_IMPLS) | set(fb.COMPILE_IMPLS))
+    command.add_arguments(parser)
+    cuda_plan = runner.make_plan(parser.parse_args([]), torch.device("cuda", 0))
+    assert "fastddim-graph-compiled" in cuda_plan.loop_impls and "torch.compile" in cuda_plan.step_impls
+    assert "fastddim-graph" in cuda_plan.step_impls
+    cpu_plan = runner.make_plan(parser.parse_args(["--quick"]), CPU)
+    for name in cpu_plan.step_impls:
+        assert not (step.STEP_IMPLEMENTATIONS[name].cuda_graph or step.STEP_IMPLEMENTATIONS[name].compiles)
+    for name in cpu_plan.loop_impls:
+        assert not (loop.LOOP_IMPLEMENTATIONS[name].cuda_graph or loop.LOOP_IMPLEMENTATIONS[name].compiles)
+    assert "fastddim" in cpu_plan.step_impls and "fastddim-eager" in cpu_plan.loop_impls
+    no_compile = runner.make_plan(parser.parse_args(["--no-compile"]), torch.device("cuda", 0))
+    assert not set(no_compile.step_impls + no_compile.loop_impls) & runner.compiled_impls()
 
-    def loop(impl: str, median_us: float) -> dict:
-        return fb.new_record("loop", impl=impl, model="m", batch_size=1, dtype="fp16", median_us=median_us)
+    # Compiled jobs run last; compiled loops in fp16 only, batch 1 first.
+    jobs = runner.plan_jobs(cuda_plan)
+    compiled = [i for i, job in enumerate(jobs) if job[2] in runner.compiled_impls()]
+    assert compiled == list(range(len(jobs) - len(compiled), len(jobs)))
+    compiled_loops = [job for job in jobs if job[0] == "loop" and job[2] in runner.compiled_impls()]
+    assert all(job[1].dtype == torch.float16 for job in compiled_loops)
+    assert [job[1].batch_size for job in compiled_loops] == sorted(job[1].batch_size for job in compiled_loops)
+    # The copy ceiling is measured once per shape and dtype.
+    copies = [(job[1].shape, job[1].dtype) for job in jobs if job[2] == "copy"]
+    assert len(copies) == len(set(copies))
 
-    records = [
-        loop("diffusers", 1000.0),
-        loop("compile-reduce-overhead", 300.0),
-        loop("fastddim-graph-compiled", 200.0),
+
+def test_loop_speedups_over_both_baselines():
+    def loop_record(impl: str, median_us: float) -> dict:
+        return records.new_record("loop", impl=impl, model="m", batch_size=1, dtype="fp16", median_us=median_us)
+
+    recs = [
+        loop_record("diffusers", 1000.0),
+        loop_record("compile-reduce-overhead", 300.0),
+        loop_record("fastddim-graph-compiled", 200.0),
     ]
-    fb.finalize_loop_records(records)
-    assert records[2]["speedup_vs_diffusers"] == 5.0
-    assert records[2]["speedup_vs_compile_reduce_overhead"] == 1.5
-    assert records[1]["speedup_vs_compile_reduce_overhead"] == 1.0
+    loop.finalize_loop_records(recs)
+    assert recs[2]["speedup_vs_diffusers"] == 5.0
+    assert recs[2]["speedup_vs_compile_reduce_overhead"] == 1.5
+    assert recs[1]["speedup_vs_compile_reduce_overhead"] == 1.0
 
 
-def _step(impl: str, shape: list[int], median_us: float, thresholding: bool = False, **fields) -> dict:
+def test_graph_compiled_loop_impl_on_stand_in_graphs(monkeypatch, stand_in_graphs):
+    """The ``fastddim-graph-compiled`` loop through the harness: compiled UNet, captured loop, no eager fallback.
+
+    On the CPU the capture is a stand-in (``stand_in_graphs``, tests/conftest.py) and torch.compile uses its ``eager``
+    backend (Dynamo's wrapper, no C++ compiler needed); the scheduler-share probe, which captures a real CUDA graph,
+    is stubbed."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(loop, "scheduler_step_us", lambda *args: 1.0)
+    plan = _tiny_plan()
+    plan.loop_warmup, plan.loop_rounds = 0, 2
+    record = loop.run_loop_impl(LoopCase("tiny", 1, torch.float32), "fastddim-graph-compiled", CPU, plan)
+    assert record["error"] is None and record["skipped"] is None
+    assert record["check"] == {"passed": True, "method": "no eager fallback warning"}
+    assert record["images_per_s"] > 0 and record["capture_s"] is not None
+    assert len(stand_in_graphs) == 1
+
+
+def test_new_record_has_every_key_and_rejects_unknown_ones():
+    record = records.new_record("step", impl="fastddim", median_us=1.0)
+    _assert_schema(record)
+    assert record["gb_per_s"] is None and record["notes"] == []
+    _assert_schema(records.new_record("loop", impl="diffusers"))
+    with pytest.raises(KeyError):
+        records.new_record("loop", gb_per_s=1.0)
+
+
+def test_outcome_tells_skips_from_errors_and_failed_checks():
+    base = {"impl": "fastddim", "median_us": 1.0}
+    assert records.outcome(records.new_record("step", **base)) == "ok"
+    assert records.outcome(records.new_record("step", **base, check={"passed": True})) == "ok"
+    assert records.outcome(records.new_record("step", **base, check={"passed": False})) == "failed"
+    assert records.outcome(records.new_record("step", **base, error="RuntimeError: x")) == "error"
+    assert records.outcome(records.new_record("loop", impl="fastddim-graph", skipped="time budget")) == "skipped"
+
+
+def test_summarize_quantiles():
+    stats = timing.summarize([float(v) for v in range(1, 101)])
+    assert stats["median_us"] == pytest.approx(50.5)
+    assert stats["p20_us"] < stats["p25_us"] < stats["median_us"] < stats["p75_us"] < stats["p80_us"]
+    assert stats["iqr_us"] == pytest.approx(stats["p75_us"] - stats["p25_us"])
+    assert stats["n_samples"] == 100
+
+
+def test_time_wall_counts_calls_and_device_time_needs_cuda():
+    calls = []
+    samples = timing.time_wall(lambda: calls.append(1), CPU, rounds=3, calls_per_round=4)
+    assert len(samples) == 3 and len(calls) == 12 and all(sample > 0 for sample in samples)
+    with pytest.raises(ValueError, match="CUDA"):
+        timing.device_time_us(lambda: None, CPU)
+    assert timing.graph_unroll(1 << 10) > 1 and timing.graph_unroll(1 << 22) == 1
+
+
+def test_correctness_check_rejects_a_wrong_implementation():
+    inputs = step.make_step_inputs(StepCase((2, 4, 8, 8), torch.float32), CPU, 10)
+    good = step.STEP_IMPLEMENTATIONS["fastddim"].build
+
+    def wrong(step_inputs: step.StepInputs) -> step.Prepared:
+        prepared = good(step_inputs)
+        # A subtly wrong kernel: prev_sample off by 1e-3.
+        return step.Prepared(fn=prepared.fn, outputs=lambda: (prepared.outputs()[0] + 1e-3, prepared.outputs()[1]))
+
+    ok = step.run_step_impl(inputs, "fastddim", _tiny_plan())
+    assert ok["check"]["passed"] and ok["check"]["max_abs_err"] == 0.0
+    bad = step.run_step_impl(inputs, "fastddim", _tiny_plan(), builder=wrong)
+    assert bad["error"] is None
+    assert not bad["check"]["passed"] and "elements off" in bad["check"]["detail"]
+    assert bad["check"]["max_abs_err"] == pytest.approx(1e-3, rel=1e-2)
+
+
+@pytest.mark.parametrize("num_inference_steps", [10, 50, 1000])
+@pytest.mark.parametrize("position", ["middle", "last"])
+def test_step_sigma_matches_diffusers(num_inference_steps, position):
+    inputs = step.make_step_inputs(StepCase((1, 1, 2, 2), torch.float32, eta=0.7), CPU, num_inference_steps)
+    scheduler = step.diffusers_scheduler(inputs)
+    if position == "last":
+        # The final step, where the previous alpha is final_alpha_cumprod.
+        inputs = dataclasses.replace(inputs, timestep=int(scheduler.timesteps[-1]))
+    prev = inputs.timestep - scheduler.config.num_train_timesteps // num_inference_steps
+    expected = 0.7 * float(scheduler._get_variance(inputs.timestep, prev)) ** 0.5
+    assert step.step_sigma(inputs) == pytest.approx(expected, rel=1e-6)
+
+
+def test_statistical_noise_check():
+    torch.manual_seed(0)
+    mean = torch.randn(4, 4096)
+    x0 = torch.randn(4, 4096)
+    sigma = 0.4
+    good = (mean + sigma * torch.randn_like(mean), x0)
+    check = records.check_step_output(good, (mean, x0), torch.float32, noise_free_reference=mean, sigma=sigma)
+    assert check["passed"], check
+    # Noise at the wrong scale (e.g. sigma not applied) fails even though x0 matches.
+    bad = (mean + torch.randn_like(mean), x0)
+    check = records.check_step_output(bad, (mean, x0), torch.float32, noise_free_reference=mean, sigma=sigma)
+    assert not check["passed"] and "noise" in check["detail"]
+
+
+def test_step_impl_error_is_recorded_not_raised():
+    inputs = step.make_step_inputs(StepCase((1, 2, 4, 4), torch.float32), CPU, 10)
+
+    def broken(step_inputs: step.StepInputs) -> step.Prepared:
+        raise RuntimeError("compile failed: no C++ compiler\nlong traceback text")
+
+    record = step.run_step_impl(inputs, "torch.compile", _tiny_plan(), builder=broken)
+    assert record["error"] == "RuntimeError: compile failed: no C++ compiler"
+    assert record["median_us"] is None
+    _assert_schema(record)
+
+
+def test_compiled_step_impl_runs_and_passes_the_check(monkeypatch):
+    """The ``torch.compile`` step case end to end (Dynamo's ``eager`` backend: no C++ compiler on CI), including the
+    Inductor setting it compiles under; on a GPU the same code compiles with Inductor."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    inputs = step.make_step_inputs(StepCase((1, 2, 4, 4), torch.float32, eta=1.0), CPU, 10)
+    record = step.run_step_impl(inputs, "torch.compile", _tiny_plan())
+    assert record["error"] is None, record["error"]
+    assert record["check"]["passed"], record["check"]
+    assert record["compile_s"] > 0
+
+
+def test_bytes_per_step_and_cifar_config():
+    case = StepCase((64, 4, 512, 512), torch.float16)
+    assert case.numel == 2**26
+    assert step.bytes_per_step(case, reads_noise=False) == 4 * 2**26 * 2
+    assert step.bytes_per_step(case, reads_noise=True) == 5 * 2**26 * 2
+    from diffusers import UNet2DModel
+
+    config = {**loop.CIFAR10_UNET_CONFIG, "block_out_channels": (32, 32, 32, 32), "norm_num_groups": 8}
+    unet = UNet2DModel(**config)
+    assert unet.config.freq_shift == 1 and unet.config.flip_sin_to_cos is False and unet.config.downsample_padding == 0
+
+
+def test_device_slug_and_environment():
+    assert timing.device_slug("cpu") == "cpu"
+    assert timing.device_name("cpu").startswith("cpu: ")
+    env = environment_info("cpu")
+    assert env["torch"] == torch.__version__ and env["driver_version"] is None
+
+
+@pytest.mark.slow
+def test_module_entry_point_and_quick_step_run(tmp_path):
+    slug = subprocess.run(
+        [sys.executable, "-m", "fastddim.benchmark", "--print-device-slug", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert slug.stdout.strip() == "cpu"
+    assert _run(["--quick", "--device", "cpu", "--only", "step", "--out", str(tmp_path), "--no-plots"]) == 0
+    recs = json.loads((tmp_path / "results.json").read_text())["records"]
+    shapes = {tuple(r["shape"]) for r in recs}
+    assert (16, 4, 128, 128) in shapes and all(max(s) <= 128 for s in shapes)
+
+
+@pytest.mark.gpu
+def test_tiny_step_run_on_cuda(tmp_path):
+    assert _run(["--tiny", "--only", "step", "--device", "cuda", "--no-plots", "--out", str(tmp_path)]) == 0
+    recs = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert {r["impl"] for r in recs} == {"copy", "diffusers", "diffusers-int", "fastddim", "fastddim-graph"}
+    for record in recs:
+        assert records.outcome(record) == "ok", record
+        assert record["timing_method"].startswith("triton.testing.do_bench") and record["n_samples"] > 1
+        assert record["p20_us"] <= record["median_us"] <= record["p80_us"] and record["latency_us"] > 0
+
+
+@pytest.mark.gpu
+def test_device_time_and_graph_replay_on_cuda():
+    from fastddim import testing
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    x = torch.randn(1 << 20, device=device)
+    y = torch.empty_like(x)
+    stats = timing.device_time_us(lambda: y.copy_(x), device, warmup_ms=5, rep_ms=20)
+    assert stats["n_samples"] > 1 and 0 < stats["p20_us"] <= stats["median_us"] <= stats["p80_us"]
+    fn, steps = testing.step_callable((1, 4, 64, 64), torch.float16, cuda_graph=True)
+    assert steps == timing.graph_unroll(4 * 64 * 64) > 1
+    fn()
+    torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------ fastddim bench in CI
+
+
+def _bench(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(["bench", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _replace_step_impl(monkeypatch, name: str, build) -> None:
+    impl = dataclasses.replace(step.STEP_IMPLEMENTATIONS[name], build=build)
+    monkeypatch.setitem(step.STEP_IMPLEMENTATIONS, name, impl)
+
+
+def test_bench_fails_when_cases_error(tmp_path, monkeypatch, capsys):
+    def broken(step_inputs: step.StepInputs) -> step.Prepared:
+        raise RuntimeError("kernel launch failed")
+
+    _replace_step_impl(monkeypatch, "fastddim", broken)
+    out = tmp_path / "out"
+    code, stdout, stderr = _bench(
+        ["--tiny", "--only", "step", "--device", "cpu", "--no-plots", "--out", str(out)], capsys
+    )
+    assert code == command.EXIT_FAILED
+    n = len(json.loads((out / "results.json").read_text())["records"])
+    assert f"{n} cases: {n - 3} ok, 0 skipped (not errors), 0 failed the correctness check, 3 errored." in stdout
+    assert "FAILED: 3 case(s) errored, 0 failed the correctness check" in stderr
+    assert "error step/2x4x16x16 fp32 eta=0/fastddim: RuntimeError: kernel launch failed" in stderr
+    # --no-plots: the closing line names what was written, and nothing else.
+    wrote = next(line for line in stdout.splitlines() if line.startswith("Wrote "))
+    assert wrote.startswith(f"Wrote {out / 'results.json'}, {out / 'results.md'} in ")
+    assert "plot" not in wrote and not list(out.glob("*.png"))
+
+
+def test_bench_fails_when_a_correctness_check_fails(tmp_path, monkeypatch, capsys):
+    good = step.STEP_IMPLEMENTATIONS["diffusers-int"].build
+
+    def wrong(step_inputs: step.StepInputs) -> step.Prepared:
+        prepared = good(step_inputs)
+        return dataclasses.replace(prepared, outputs=lambda: [t * 2 for t in prepared.outputs()])
+
+    _replace_step_impl(monkeypatch, "diffusers-int", wrong)
+    out = tmp_path / "out"
+    code, stdout, stderr = _bench(
+        ["--tiny", "--only", "step", "--device", "cpu", "--no-plots", "--out", str(out)], capsys
+    )
+    assert code == command.EXIT_FAILED
+    assert "3 failed the correctness check, 0 errored." in stdout
+    assert "check failed step/2x4x16x16 fp32 eta=0/diffusers-int: output 1: 2048 of 2048 elements off" in stderr
+
+
+def test_bench_skips_are_not_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "fastddim_pipeline_class", lambda: (None, "fastddim.DDIMPipeline is not available"))
+    monkeypatch.setattr(loop, "scheduler_step_us", lambda *args: 1.0)
+    out = tmp_path / "out"
+    code, stdout, stderr = _bench(
+        ["--tiny", "--only", "loop", "--device", "cpu", "--no-plots", "--out", str(out)], capsys
+    )
+    assert code == 0, stderr
+    assert "4 cases: 2 ok, 2 skipped (not errors), 0 failed the correctness check, 0 errored." in stdout
+    assert "skipped loop/tiny batch=1 fp32/fastddim-eager: fastddim.DDIMPipeline is not available" in stdout
+    assert "FAILED" not in stderr
+
+
+def test_compile_cases_past_the_budget_are_skipped_not_errors(tmp_path):
+    plan = _tiny_plan()
+    plan.step_cases, plan.step_impls, plan.budget_s = [StepCase((1, 2, 4, 4), torch.float32)], ("torch.compile",), -1.0
+    results = runner.run_benchmarks(plan, CPU, tmp_path, plots=False)
+    [record] = results["records"]
+    assert record["skipped"] == "time budget of -1 s spent (--budget-s)" and record["error"] is None
+    assert records.outcome(record) == "skipped"
+    assert [len(v) for v in runner.summarize_outcomes(results["records"]).values()] == [0, 1, 0, 0]
+
+
+def test_bench_without_matplotlib_says_so_and_lists_no_plots(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(step, "STEP_IMPLEMENTATIONS", {"copy": step.STEP_IMPLEMENTATIONS["copy"]})
+    out = tmp_path / "out"
+    code, stdout, stderr = _bench(["--tiny", "--only", "step", "--device", "cpu", "--out", str(out)], capsys)
+    assert code == 0, stderr
+    assert "plots skipped" in stderr and "matplotlib" in stderr
+    wrote = next(line for line in stdout.splitlines() if line.startswith("Wrote "))
+    assert ".png" not in wrote and "plots" not in wrote
+
+
+def _unwritable_under_a_file(tmp_path: Path) -> list[str]:
+    # Tests may run as root, which os.access and permission bits do not stop: a folder under a file cannot exist.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    return ["--out", str(blocker / "results")]
+
+
+def _existing_file(tmp_path: Path) -> list[str]:
+    path = tmp_path / "results.json"
+    path.write_text("{}")
+    return ["--out", str(path)]
+
+
+@pytest.mark.parametrize(
+    ("make_args", "cuda", "message"),
+    [
+        (_existing_file, None, "is a file, not a folder"),
+        (_unwritable_under_a_file, None, "a-file is a file, not a folder"),
+        (lambda tmp_path: ["--device", "cuda"], (False, 0), "--device cuda: CUDA is not available on this machine"),
+        (lambda tmp_path: ["--device", "cuda:7"], (True, 1), "--device cuda:7: only 1 CUDA device(s) present"),
+        (lambda tmp_path: ["--device", "nonsense"], None, "--device nonsense: not a torch device"),
+        (lambda tmp_path: ["--device", "meta"], None, "--device meta: only cpu and cuda devices are supported"),
+        (
+            lambda tmp_path: ["--device", "nonsense", "--print-device-slug"],
+            None,
+            "--device nonsense: not a torch device",
+        ),
+    ],
+    ids=["out-is-a-file", "out-under-a-file", "cuda-without-cuda", "cuda-bad-index", "bogus-name", "meta", "slug"],
+)
+def test_bench_usage_errors_are_one_line_before_any_case(tmp_path, monkeypatch, capsys, make_args, cuda, message):
+    if cuda is not None:
+        available, count = cuda
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    started = []
+    monkeypatch.setattr(command, "run_benchmarks", lambda *args, **kwargs: started.append(args))
+    args = make_args(tmp_path)
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "never")]
+    before = sorted(tmp_path.rglob("*"))
+    code, stdout, stderr = _bench(["--tiny", *args], capsys)
+    assert code == 2
+    assert stderr.startswith("error: ") and message in stderr and stderr.count("\n") == 1, stderr
+    assert not started and stdout == ""
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_bench_option_types_are_usage_errors(capsys):
+    for argv in (["--steps", "0"], ["--threads", "-1"], ["--budget-s", "nan"], ["--targets", "x.json"]):
+        code, _, stderr = _bench(argv, capsys)
+        assert code == 2 and stderr.startswith("error: fastddim bench: ") and stderr.count("\n") == 1, (argv, stderr)
+
+
+# ------------------------------------------------------------------------------------------------ bench/targets.py
+
+
+@pytest.fixture(scope="module")
+def targets():
+    spec = importlib.util.spec_from_file_location("bench_targets", REPO / "bench" / "targets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _step(impl: str, shape: list[int], median_us: float | None, thresholding: bool = False, **fields) -> dict:
     config = {"eta": 0.0, "thresholding": thresholding}
     numel = 1
     for size in shape:
         numel *= size
-    return fb.new_record(
+    return records.new_record(
         "step", impl=impl, shape=shape, numel=numel, dtype="fp16", config=config, median_us=median_us, **fields
     )
 
 
-def test_targets_met_not_met_and_not_measured():
-    records = [
+def test_targets_met_not_met_and_not_measured(targets):
+    recs = [
         _step("fastddim", [64, 4, 512, 512], 200.0, pct_of_copy_bw=95.0),
         _step("fastddim", [1, 4, 64, 64], 4.0, speedup_vs_diffusers=70.0, latency_speedup_vs_diffusers=6.0),
         _step("fastddim-graph", [4, 3, 256, 256], 30.0, thresholding=True),
@@ -127,7 +486,7 @@ def test_targets_met_not_met_and_not_measured():
         # Failed or skipped records (no median) count as not measured, whatever their fields say.
         _step("fastddim", [32, 4, 1024, 512], None, pct_of_copy_bw=10.0),
     ]
-    checks = fb.target_checks(records)
+    checks = targets.target_checks(recs)
     # Bandwidth, device time, latency, thresholded/plain, then the three loop targets (no loop records).
     assert [check["met"] for check in checks] == [True, True, False, False, None, None, None], checks
     assert checks[0]["measured"] == "64x4x512x512 fp16 eta 0: 95.0%"
@@ -135,10 +494,10 @@ def test_targets_met_not_met_and_not_measured():
     assert checks[6]["measured"] == "not measured"
 
 
-def test_targets_of_the_committed_h100_run(capsys):
-    """``--targets`` reads a results.json: the committed H100 run reads as its closing notes do."""
-    path = Path(__file__).parent.parent / "bench/results/nvidia-h100-80gb-hbm3/results.json"
-    assert _run(["--targets", str(path)]) == 0
+def test_targets_of_the_committed_h100_run(targets, capsys):
+    """bench/targets.py reads a results.json: the committed H100 run reads as its closing notes do."""
+    path = REPO / "bench/results/nvidia-h100-80gb-hbm3/results.json"
+    assert targets.main([str(path)]) == 0
     table = capsys.readouterr().out
     rows = {
         line.split(" | ")[0].lstrip("| "): line.rstrip(" |").rsplit(" | ", 1)[1]
@@ -154,242 +513,79 @@ def test_targets_of_the_committed_h100_run(capsys):
         "loop: >= 1.3x torch.compile reduce-overhead (best fastddim graph)": "**no**",
         "loop: scheduler share <= 3 % (largest, fastddim graphs)": "yes",
     }
-    assert _run(["--targets", "no/such/results.json"]) == 2
-
-
-def test_graph_compiled_loop_impl_on_stand_in_graphs(monkeypatch, stand_in_graphs):
-    """The ``fastddim-graph-compiled`` loop through the harness: compiled UNet, captured loop, no eager fallback.
-
-    On the CPU the capture is a stand-in (``stand_in_graphs``, tests/conftest.py) and torch.compile uses its ``eager``
-    backend (Dynamo's wrapper, no C++ compiler needed); the scheduler-share probe, which captures a real CUDA graph,
-    is stubbed."""
-
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    monkeypatch.setattr(fb, "scheduler_step_us", lambda *args: 1.0)
-    plan = _tiny_plan()
-    plan.loop_warmup, plan.loop_rounds = 0, 2
-    record = fb.run_loop_impl(fb.LoopCase("tiny", 1, torch.float32), "fastddim-graph-compiled", CPU, plan)
-    assert record["error"] is None and record["skipped"] is None
-    assert record["check"] == {"passed": True, "method": "no eager fallback warning"}
-    assert record["images_per_s"] > 0 and record["capture_s"] is not None
-    assert len(stand_in_graphs) == 1
-
-
-def test_new_record_has_every_key_and_rejects_unknown_ones():
-    record = fb.new_record("step", impl="fastddim", median_us=1.0)
-    _assert_schema(record)
-    assert record["gb_per_s"] is None and record["notes"] == []
-    _assert_schema(fb.new_record("loop", impl="diffusers"))
-    with pytest.raises(KeyError):
-        fb.new_record("loop", gb_per_s=1.0)
-
-
-def test_summarize_quantiles():
-    stats = fb.summarize([float(v) for v in range(1, 101)])
-    assert stats["median_us"] == pytest.approx(50.5)
-    assert stats["p20_us"] < stats["p25_us"] < stats["median_us"] < stats["p75_us"] < stats["p80_us"]
-    assert stats["iqr_us"] == pytest.approx(stats["p75_us"] - stats["p25_us"])
-    assert stats["n_samples"] == 100
-
-
-def _tiny_plan() -> fb.Plan:
-    plan = fb.Plan([], (), [], (), num_inference_steps=10)
-    plan.rounds, plan.target_round_s, plan.max_calls = 2, 0.001, 5
-    return plan
-
-
-def test_correctness_check_rejects_a_wrong_implementation():
-    inputs = fb.make_step_inputs(fb.StepCase((2, 4, 8, 8), torch.float32), CPU, 10)
-    good = fb.STEP_BUILDERS["fastddim"]
-
-    def wrong(step_inputs: fb.StepInputs) -> fb.Prepared:
-        prepared = good(step_inputs)
-        # A subtly wrong kernel: prev_sample off by 1e-3.
-        return fb.Prepared(fn=prepared.fn, outputs=lambda: (prepared.outputs()[0] + 1e-3, prepared.outputs()[1]))
-
-    ok = fb.run_step_impl(inputs, "fastddim", _tiny_plan())
-    assert ok["check"]["passed"] and ok["check"]["max_abs_err"] == 0.0
-    bad = fb.run_step_impl(inputs, "fastddim", _tiny_plan(), builder=wrong)
-    assert bad["error"] is None
-    assert not bad["check"]["passed"] and "elements off" in bad["check"]["detail"]
-    assert bad["check"]["max_abs_err"] == pytest.approx(1e-3, rel=1e-2)
-
-
-def test_statistical_noise_check():
-    torch.manual_seed(0)
-    mean = torch.randn(4, 4096)
-    x0 = torch.randn(4, 4096)
-    sigma = 0.4
-    good = (mean + sigma * torch.randn_like(mean), x0)
-    check = fb.check_step_output(good, (mean, x0), torch.float32, noise_free_reference=mean, sigma=sigma)
-    assert check["passed"], check
-    # Noise at the wrong scale (e.g. sigma not applied) fails even though x0 matches.
-    bad = (mean + torch.randn_like(mean), x0)
-    check = fb.check_step_output(bad, (mean, x0), torch.float32, noise_free_reference=mean, sigma=sigma)
-    assert not check["passed"] and "noise" in check["detail"]
-
-
-def test_step_impl_error_is_recorded_not_raised():
-    inputs = fb.make_step_inputs(fb.StepCase((1, 2, 4, 4), torch.float32), CPU, 10)
-
-    def broken(step_inputs: fb.StepInputs) -> fb.Prepared:
-        raise RuntimeError("compile failed: no C++ compiler")
-
-    record = fb.run_step_impl(inputs, "torch.compile", _tiny_plan(), builder=broken)
-    assert record["error"] == "RuntimeError: compile failed: no C++ compiler"
-    assert record["median_us"] is None
-    _assert_schema(record)
-
-
-def test_compiled_step_impl_runs_and_passes_the_check(monkeypatch):
-    """The ``torch.compile`` step case end to end (Dynamo's ``eager`` backend: no C++ compiler on CI), including the
-    Inductor setting it compiles under; on a GPU the same code compiles with Inductor."""
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    inputs = fb.make_step_inputs(fb.StepCase((1, 2, 4, 4), torch.float32, eta=1.0), CPU, 10)
-    record = fb.run_step_impl(inputs, "torch.compile", _tiny_plan())
-    assert record["error"] is None, record["error"]
-    assert record["check"]["passed"], record["check"]
-    assert record["compile_s"] > 0
-
-
-def test_bytes_per_step_and_cifar_config():
-    case = fb.StepCase((64, 4, 512, 512), torch.float16)
-    assert case.numel == 2**26
-    assert fb.bytes_per_step(case, reads_noise=False) == 4 * 2**26 * 2
-    assert fb.bytes_per_step(case, reads_noise=True) == 5 * 2**26 * 2
-    from diffusers import UNet2DModel
-
-    unet = UNet2DModel(**{**fb.CIFAR10_UNET_CONFIG, "block_out_channels": (32, 32, 32, 32), "norm_num_groups": 8})
-    assert unet.config.freq_shift == 1 and unet.config.flip_sin_to_cos is False and unet.config.downsample_padding == 0
-
-
-def test_device_slug_and_environment():
-    assert fb.device_slug("cpu") == "cpu"
-    assert fb.device_name("cpu").startswith("cpu: ")
-    env = fb.environment_info("cpu")
-    assert env["torch"] == torch.__version__ and env["driver_version"] is None
-
-
-@pytest.mark.slow
-def test_module_entry_point_and_quick_step_run(tmp_path):
-    slug = subprocess.run(
-        [sys.executable, "-m", "fastddim.benchmark", "--print-device-slug", "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert slug.stdout.strip() == "cpu"
-    assert _run(["--quick", "--device", "cpu", "--only", "step", "--out", str(tmp_path), "--no-plots"]) == 0
-    records = json.loads((tmp_path / "results.json").read_text())["records"]
-    shapes = {tuple(r["shape"]) for r in records}
-    assert (16, 4, 128, 128) in shapes and all(max(s) <= 128 for s in shapes)
+    assert targets.main(["no/such/results.json"]) == 2
+    assert capsys.readouterr().err.startswith("error: no/such/results.json: not a readable results.json")
 
 
 # ------------------------------------------------------------------------------------------------ fastddim.testing
 
 
-def _measurement(median_us: float, device: str = "cpu: test") -> dict:
-    return {"key": "step/1x4x8x8/fp32/eta=0/eager", "device": device, "median_us": median_us, "environment": {}}
+def test_step_callable_runs_fastddims_step():
+    from fastddim import testing
 
-
-def test_check_within_baseline_pass_fail_and_record(tmp_path):
-    path = tmp_path / "perf" / "baseline.json"
-    first = ft.check_within_baseline(_measurement(100.0), path, margin=0.1)
-    assert first["status"] == "recorded" and path.exists()
-    stored = ft.load_baseline(path)
-    assert stored["devices"]["cpu: test"]["step/1x4x8x8/fp32/eta=0/eager"]["median_us"] == 100.0
-
-    assert ft.check_within_baseline(_measurement(109.0), path, margin=0.1)["status"] == "pass"
-    with pytest.raises(ft.PerfRegressionError, match="performance regression"):
-        ft.check_within_baseline(_measurement(111.0), path, margin=0.1)
-
-    # Another device's baseline is never used: this one gets its own.
-    other = ft.check_within_baseline(_measurement(1e6, device="NVIDIA H100 80GB HBM3"), path, margin=0.1)
-    assert other["status"] == "recorded"
-    assert set(ft.load_baseline(path)["devices"]) == {"cpu: test", "NVIDIA H100 80GB HBM3"}
-
-    updated = ft.check_within_baseline(_measurement(500.0), path, update=True)
-    assert updated["status"] == "updated"
-    assert ft.load_baseline(path)["devices"]["cpu: test"]["step/1x4x8x8/fp32/eta=0/eager"]["median_us"] == 500.0
-
-
-def test_check_within_baseline_rejects_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="margin"):
-        ft.check_within_baseline(_measurement(1.0), {}, margin=-0.1)
-    with pytest.raises(KeyError, match="median_us"):
-        ft.check_within_baseline({"key": "k", "device": "d"}, {})
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"hello": 1}')
-    with pytest.raises(ValueError, match="not a fastddim performance baseline"):
-        ft.load_baseline(bad)
-
-
-def test_measure_step_on_cpu():
-    measurement = ft.measure_step((1, 4, 8, 8), torch.float32, device="cpu", rounds=3, target_round_s=0.002)
-    assert measurement["key"] == "step/1x4x8x8/fp32/eta=0/eager"
-    assert measurement["device"] == fb.device_name("cpu")
-    assert 0 < measurement["median_us"] < 1e5 and measurement["n_samples"] == 3
+    fn, steps = testing.step_callable((1, 4, 8, 8), torch.float32, eta=1.0, device="cpu")
+    prev, x0 = fn()
+    assert steps == 1 and prev.shape == x0.shape == (1, 4, 8, 8) and prev.isfinite().all()
     with pytest.raises(ValueError, match="CUDA"):
-        ft.measure_step((1, 4, 8, 8), torch.float32, device="cpu", cuda_graph=True)
+        testing.step_callable((1, 4, 8, 8), torch.float32, device="cpu", cuda_graph=True)
 
 
-def test_assert_step_within_baseline_fake_baselines():
-    shape, dtype = (1, 4, 8, 8), torch.float32
-    key = ft.step_key(shape, dtype)
-    device = fb.device_name("cpu")
-    kwargs = {"shape": shape, "dtype": dtype, "device": "cpu", "rounds": 3, "target_round_s": 0.002}
-
-    # Far faster than any real step: must fail, after one re-measurement.
-    impossible = {"format": ft.BASELINE_FORMAT, "devices": {device: {key: {"median_us": 1e-3}}}}
-    with pytest.raises(ft.PerfRegressionError):
-        ft.assert_step_within_baseline(impossible, margin=0.1, **kwargs)
-
-    generous = {"format": ft.BASELINE_FORMAT, "devices": {device: {key: {"median_us": 1e7}}}}
-    result = ft.assert_step_within_baseline(generous, margin=0.1, **kwargs)
-    assert result["check"]["status"] == "pass" and result["check"]["ratio"] < 1
-
-    # A baseline for another device only: record one for this device, then skip.
-    foreign = {"format": ft.BASELINE_FORMAT, "devices": {"NVIDIA H100 80GB HBM3": {key: {"median_us": 1e-3}}}}
-    with pytest.raises(pytest.skip.Exception, match="recorded baseline"):
-        ft.assert_step_within_baseline(foreign, margin=0.1, **kwargs)
-    assert key in foreign["devices"][device]
-
-
-def test_fastddim_perf_fixture_plugin(pytester, tmp_path):
-    baseline = tmp_path / "perf.json"
+def test_fastddim_perf_fixture_saves_and_compares_pytest_benchmark_runs(pytester, monkeypatch):
+    storage = pytester.path / "perf"
     pytester.makepyfile(
         test_downstream="""
         import torch
 
         def test_step_speed(fastddim_perf):
-            fastddim_perf.step((1, 4, 8, 8), torch.float32, device="cpu", rounds=3, target_round_s=0.002)
+            info = fastddim_perf.step((1, 4, 8, 8), torch.float32, device="cpu", rounds=3, warmup_rounds=1)
+            assert info["host_us_per_step"] > 0 and info["steps_per_round"] == 20
 
         def test_loop_speed(fastddim_perf):
-            fastddim_perf.loop("sleepy-loop", lambda: sum(range(1000)), device="cpu", rounds=2)
+            info = fastddim_perf.loop(lambda: sum(range(1000)), device="cpu", rounds=3)
+            assert info["first_call_s"] > 0 and info["median_call_s"] > 0
         """
     )
+    # The inner sessions run in this process: under pytest-xdist (CI's -n 2) pytest-benchmark reads the worker's
+    # PYTEST_XDIST_WORKER and disables itself.
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     args = [
         "-p",
         "fastddim.testing",
-        f"--fastddim-perf-baseline={baseline}",
+        f"--benchmark-storage={storage}",
         "-p",
         "no:cacheprovider",
         "-W",
         "ignore::pytest.PytestAssertRewriteWarning",
     ]
-    first = pytester.runpytest_inprocess(*args, "-rs")
-    first.assert_outcomes(skipped=2)
-    first.stdout.fnmatch_lines(["*recorded baseline*"])
-    assert baseline.exists()
+    pytester.runpytest_inprocess(*args, "--benchmark-save=baseline").assert_outcomes(passed=2)
+    [saved] = storage.glob("*/0001_baseline.json")
+    data = json.loads(saved.read_text())
+    assert data["machine_info"]["fastddim"]["device"] == timing.device_name("cpu")
+    assert data["machine_info"]["fastddim"]["torch"] == torch.__version__
+    by_name = {bench["name"]: bench for bench in data["benchmarks"]}
+    assert set(by_name) == {"test_step_speed", "test_loop_speed"}
+    assert by_name["test_step_speed"]["extra_info"]["shape"] == [1, 4, 8, 8]
 
-    # A generous margin: this checks the plumbing, not the (noisy) speed of a shared CI machine.
-    pytester.runpytest_inprocess(*args, "--fastddim-perf-margin=100").assert_outcomes(passed=2)
+    # A generous gate: this checks the plumbing, not the (noisy) speed of a shared CI machine.
+    compare = [*args, "--benchmark-compare=0001"]
+    passed = pytester.runpytest_inprocess(*compare, "--benchmark-compare-fail=median:100000%")
+    assert passed.ret == 0, passed.outlines
 
-    data = json.loads(baseline.read_text())
-    for entries in data["devices"].values():
-        for entry in entries.values():
-            entry["median_us"] = 1e-6
-    baseline.write_text(json.dumps(data))
-    failed = pytester.runpytest_inprocess(*args, "--fastddim-perf-margin=0.5")
-    failed.assert_outcomes(failed=2)
-    failed.stdout.fnmatch_lines(["*performance regression*"])
+    # A baseline far faster than any real run: a regression.
+    for bench in data["benchmarks"]:
+        bench["stats"]["median"] = 1e-12
+    saved.write_text(json.dumps(data))
+    regressed = pytester.runpytest_inprocess(*compare, "--benchmark-compare-fail=median:10%")
+    assert regressed.ret != 0
+    assert "Performance has regressed" in "\n".join(regressed.outlines + regressed.errlines)
+
+    # A baseline from another device is refused, not compared.
+    data["machine_info"]["fastddim"]["device"] = "NVIDIA H100 80GB HBM3"
+    saved.write_text(json.dumps(data))
+    # (pytest-benchmark's own hook only warns about the machine_info difference, before the plugin refuses.)
+    quiet = ["-W", "ignore::pytest_benchmark.logger.PytestBenchmarkWarning"]
+    refused = pytester.runpytest_inprocess(*compare, *quiet, "--benchmark-compare-fail=median:100000%")
+    assert refused.ret != 0
+    assert "refusing to compare benchmarks of 'NVIDIA H100 80GB HBM3'" in "\n".join(
+        refused.outlines + refused.errlines
+    )

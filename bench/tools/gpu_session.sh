@@ -31,9 +31,11 @@ for phase in "$@"; do
         ;;
     bench-step)
         python -m fastddim.benchmark --only step --budget-s 240 --out "$results/step" 2>&1 | tail -n 80
+        python bench/targets.py "$results/step/results.json"
         ;;
     bench-loop)
         python -m fastddim.benchmark --only loop --budget-s 420 --out "$results/loop" 2>&1 | tail -n 50
+        python bench/targets.py "$results/loop/results.json"
         ;;
     regression)
         # Compare with the newest committed run, then save this one next to copies of the committed ones (in

@@ -1,0 +1,154 @@
+"""The scheduler and pipeline issues' performance targets (for an H100/H200), read from a ``fastddim bench`` run.
+
+    python bench/targets.py bench/results/nvidia-h100-80gb-hbm3/results.json
+
+prints a markdown table: each target, what the run measured for it, and whether it is met (``–`` where the run
+measured nothing for it). The figures are the records' own (speedups and % of copy bandwidth as ``fastddim bench``
+computed them); the thresholded step is compared with the plain step at the same shape, dtype and eta, both replayed
+from CUDA graphs. Exit status 2 when the file is not a readable results.json.
+
+These targets belong to the project's issues, not to the installed package: the harness records, this reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+# Loop implementations that replay fastddim's captured loop.
+GRAPH_LOOP_IMPLS = ("fastddim-graph", "fastddim-graph-compiled")
+
+
+def _timed(records: list[dict], benchmark: str, impls: tuple[str, ...]) -> list[dict]:
+    return [r for r in records if r["benchmark"] == benchmark and r["impl"] in impls and r["median_us"]]
+
+
+def _step_label(record: dict) -> str:
+    return f"{'x'.join(map(str, record['shape']))} {record['dtype']} eta {record['config']['eta']:g}"
+
+
+def _loop_label(record: dict) -> str:
+    return f"{record['model']} b{record['batch_size']} {record['dtype']}"
+
+
+def _check(target: str, values: list[tuple[str, float | None]], passes: Callable[[float], bool], unit: str) -> dict:
+    """One target: met when every measured value passes, None when nothing was measured."""
+    measured = [(label, value) for label, value in values if value is not None]
+    spec = {"%": ".1f", "x": ".2f"}[unit]
+    return {
+        "target": target,
+        "measured": "; ".join(f"{label}: {value:{spec}}{unit}" for label, value in measured) or "not measured",
+        "met": all(passes(value) for _, value in measured) if measured else None,
+    }
+
+
+def target_checks(records: list[dict]) -> list[dict]:
+    """The scheduler and pipeline issues' performance targets (for an H100/H200), against this run's records.
+
+    Returns one ``{"target", "measured", "met"}`` per target, ``met`` None where the run measured nothing for it. The
+    figures are the records' own (speedups and % of copy bandwidth from ``finalize_*_records``); the thresholded
+    step is compared with the plain step at the same shape, dtype and eta, both replayed from CUDA graphs.
+    """
+    steps = _timed(records, "step", ("fastddim", "fastddim-graph"))
+    eager = [r for r in steps if r["impl"] == "fastddim" and not r["config"]["thresholding"]]
+    latent = [r for r in eager if r["shape"] == [1, 4, 64, 64] and r["dtype"] == "fp16" and r["config"]["eta"] == 0]
+    graphed = {
+        (tuple(r["shape"]), r["dtype"], r["config"]["eta"], r["config"]["thresholding"]): r
+        for r in steps
+        if r["impl"] == "fastddim-graph"
+    }
+    threshold_ratios = [
+        (_step_label(record), record["median_us"] / graphed[(shape, dtype, eta, False)]["median_us"])
+        for (shape, dtype, eta, thresholding), record in graphed.items()
+        if thresholding and (shape, dtype, eta, False) in graphed
+    ]
+    loops = _timed(records, "loop", GRAPH_LOOP_IMPLS)
+    best_vs_compile: dict[str, float] = {}
+    for r in loops:
+        if r["speedup_vs_compile_reduce_overhead"]:
+            label = _loop_label(r)
+            best_vs_compile[label] = max(best_vs_compile.get(label, 0.0), r["speedup_vs_compile_reduce_overhead"])
+    shares = [r for r in loops if r["scheduler_share"] is not None]
+    worst_share = max(shares, key=lambda r: r["scheduler_share"], default=None)
+    return [
+        _check(
+            "step: >= 90 % of copy bandwidth at >= 2^26 elements",
+            [(_step_label(r), r["pct_of_copy_bw"]) for r in eager if r["numel"] >= 1 << 26],
+            lambda pct: pct >= 90,
+            "%",
+        ),
+        _check(
+            "step at 1x4x64x64 fp16: >= 10x diffusers eager, device time",
+            [("fastddim", r["speedup_vs_diffusers"]) for r in latent],
+            lambda speedup: speedup >= 10,
+            "x",
+        ),
+        _check(
+            "step at 1x4x64x64 fp16: >= 10x diffusers eager, latency",
+            [("fastddim", r["latency_speedup_vs_diffusers"]) for r in latent],
+            lambda speedup: speedup >= 10,
+            "x",
+        ),
+        _check(
+            "thresholded step: <= 2x a plain step (CUDA graph, device time)",
+            threshold_ratios,
+            lambda ratio: ratio <= 2,
+            "x",
+        ),
+        _check(
+            "loop at batch 1: >= 5x diffusers' DDIMPipeline (fastddim-graph)",
+            [
+                (_loop_label(r), r["speedup_vs_diffusers"])
+                for r in loops
+                if r["impl"] == "fastddim-graph" and r["batch_size"] == 1
+            ],
+            lambda speedup: speedup >= 5,
+            "x",
+        ),
+        _check(
+            "loop: >= 1.3x torch.compile reduce-overhead (best fastddim graph)",
+            list(best_vs_compile.items()),
+            lambda speedup: speedup >= 1.3,
+            "x",
+        ),
+        _check(
+            "loop: scheduler share <= 3 % (largest, fastddim graphs)",
+            []
+            if worst_share is None
+            else [(f"{_loop_label(worst_share)} {worst_share['impl']}", 100 * worst_share["scheduler_share"])],
+            lambda pct: pct <= 3,
+            "%",
+        ),
+    ]
+
+
+def targets_table(records: list[dict]) -> str:
+    """The targets of ``target_checks`` as a markdown section."""
+    lines = ["## Targets (H100/H200)", "", "| target | measured | met |", "|---|---|---|"]
+    for check in target_checks(records):
+        met = {True: "yes", False: "**no**", None: "–"}[check["met"]]
+        lines.append(f"| {check['target']} | {check['measured']} | {met} |")
+    return "\n".join(lines + [""])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Prints the targets table of a results.json; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        description="The issues' performance targets, as met or not by a fastddim bench run."
+    )
+    parser.add_argument("results", type=Path, metavar="RESULTS_JSON", help="a results.json written by fastddim bench")
+    args = parser.parse_args(argv)
+    try:
+        records = json.loads(args.results.read_text())["records"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: {args.results}: not a readable results.json ({exc})", file=sys.stderr)
+        return 2
+    print(targets_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""What the harness measures: step and loop cases, the implementation record, and a run's plan.
+
+To add a case, append it to the lists below (``GPU_*`` for the full matrix on a GPU, ``*_QUICK_*`` for ``--quick``,
+``TINY_*`` for the harness's own tests). To add an implementation, see `fastddim.benchmark.step` and
+`fastddim.benchmark.loop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+NUM_INFERENCE_STEPS = 50
+DEFAULT_BUDGET_S = 240.0
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One implementation a benchmark times, and where it can run.
+
+    Attributes:
+        name (`str`): its name in records, tables and ``settings`` (e.g. ``fastddim-graph``).
+        build (`Callable`): builds it; the signature is the benchmark's (see ``STEP_IMPLEMENTATIONS`` in
+            `fastddim.benchmark.step`, ``LOOP_IMPLEMENTATIONS`` in `fastddim.benchmark.loop`).
+        cuda_graph (`bool`): replays a CUDA graph, so runs on CUDA only (and its loop is checked for an eager
+            fallback).
+        compiles (`bool`): uses ``torch.compile``: left out by ``--no-compile`` and ``--quick``, run after everything
+            else while ``--budget-s`` lasts (compiled loops in fp16 only).
+        timestep_kind (`str`, *optional*): how a step implementation receives the timestep (recorded in ``config``).
+    """
+
+    name: str
+    build: Callable[..., Any]
+    cuda_graph: bool = False
+    compiles: bool = False
+    timestep_kind: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCase:
+    """One step-benchmark configuration."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    eta: float = 0.0
+    thresholding: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def label(self) -> str:
+        flags = f"eta={self.eta:g}" + (" thresholding" if self.thresholding else "")
+        return f"{'x'.join(map(str, self.shape))} {DTYPE_NAMES[self.dtype]} {flags}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopCase:
+    """One loop-benchmark configuration: a model name known to `fastddim.benchmark.loop.load_unet`."""
+
+    model: str
+    batch_size: int
+    dtype: torch.dtype
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} batch={self.batch_size} {DTYPE_NAMES[self.dtype]}"
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one run measures and how hard."""
+
+    step_cases: list[StepCase]
+    step_impls: tuple[str, ...]
+    loop_cases: list[LoopCase]
+    loop_impls: tuple[str, ...]
+    num_inference_steps: int = NUM_INFERENCE_STEPS
+    # Host latency: rounds of back-to-back calls, each about target_round_s long (at most max_calls calls).
+    rounds: int = 7
+    target_round_s: float = 0.02
+    max_calls: int = 500
+    # Device time: triton.testing.do_bench's budgets.
+    device_warmup_ms: float = 25.0
+    device_rep_ms: float = 100.0
+    loop_warmup: int = 1
+    loop_rounds: int = 3
+    compile_loop_dtypes: tuple[torch.dtype, ...] = (torch.float16,)
+    budget_s: float = DEFAULT_BUDGET_S
+
+
+F16, F32 = torch.float16, torch.float32
+GPU_STEP_CASES = [
+    StepCase((1, 4, 64, 64), F16),
+    StepCase((1, 4, 64, 64), F16, 1.0),
+    StepCase((16, 4, 128, 128), F16),
+    StepCase((16, 4, 128, 128), F16, 1.0),
+    StepCase((16, 4, 128, 128), F32),
+    StepCase((16, 4, 128, 128), F32, 1.0),
+    # 2^26 elements: 128 MiB per fp16 tensor, far beyond L2, for bandwidth.
+    StepCase((64, 4, 512, 512), F16),
+    StepCase((64, 4, 512, 512), F16, 1.0),
+    # Dynamic thresholding targets pixel-space models: rows of 12 288 and 196 608 elements, with the plain step at
+    # the same shapes to compare against.
+    StepCase((16, 3, 64, 64), F32, thresholding=True),
+    StepCase((16, 3, 64, 64), F32),
+    StepCase((4, 3, 256, 256), F16, thresholding=True),
+    StepCase((4, 3, 256, 256), F16),
+]
+GPU_QUICK_STEP_CASES = [
+    StepCase((1, 4, 64, 64), F16),
+    StepCase((16, 4, 128, 128), F16),
+    StepCase((16, 4, 128, 128), F16, 1.0),
+]
+CPU_QUICK_STEP_CASES = [
+    StepCase((1, 4, 64, 64), F32),
+    StepCase((1, 4, 64, 64), F32, 1.0),
+    StepCase((1, 4, 64, 64), F16),
+    StepCase((16, 4, 128, 128), F32),
+    StepCase((16, 3, 64, 64), F32, thresholding=True),
+]
+TINY_STEP_CASES = [
+    StepCase((2, 4, 16, 16), F32),
+    StepCase((2, 4, 16, 16), F32, 1.0),
+    StepCase((2, 3, 16, 16), F32, thresholding=True),
+]
+
+GPU_LOOP_CASES = [
+    LoopCase(model, batch, dtype) for model in ("cifar10-32", "digits") for dtype in (F16, F32) for batch in (1, 16)
+]
+GPU_QUICK_LOOP_CASES = [LoopCase("digits", 1, F16), LoopCase("digits", 16, F16)]
+# The cifar10-32 UNet takes ~0.1-0.4 s per step on a small CPU: GPU runs only.
+CPU_QUICK_LOOP_CASES = [LoopCase("digits", 1, F32), LoopCase("digits", 16, F32)]
+TINY_LOOP_CASES = [LoopCase("tiny", 1, F32), LoopCase("tiny", 2, F32)]

@@ -1,0 +1,186 @@
+"""Reports of a run: results.md (markdown tables, also printed) and PNG plots (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from fastddim.benchmark.loop import LOOP_IMPLEMENTATIONS
+from fastddim.benchmark.step import STEP_IMPLEMENTATIONS, step_key
+
+GPU_MESSAGE = (
+    "GPU figures (Triton kernel, CUDA-graph replay, GB/s against the copy ceiling, whole-loop graphs) need a CUDA GPU: "
+    "run `fastddim bench` on one."
+)
+STEP_ORDER = tuple(STEP_IMPLEMENTATIONS)
+LOOP_ORDER = tuple(LOOP_IMPLEMENTATIONS)
+
+
+def fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
+    """A figure for a table, or a dash where it was not measured."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:{spec}}{suffix}"
+
+
+def status(record: dict) -> str:
+    """A record's outcome for tables and progress lines: pass, ok, FAIL (detail), skipped: why, error: what."""
+    if record["skipped"]:
+        text = f"skipped: {record['skipped'][:80]}"
+    elif record["error"]:
+        text = f"error: {record['error'][:80]}"
+    elif record["check"] is None:
+        text = "ok"
+    else:
+        text = "pass" if record["check"].get("passed") else f"FAIL ({record['check'].get('detail', '')})"
+    # Error texts may hold pipes or newlines, which would break the markdown table.
+    return text.replace("|", "/").replace("\n", " ")
+
+
+def _with_range(record: dict, spec: str, scale: float = 1.0) -> str:
+    """``median (p20–p80)`` scaled, or a dash when nothing was measured."""
+    if record["median_us"] is None:
+        return "–"
+    median, p20, p80 = (record[k] * scale for k in ("median_us", "p20_us", "p80_us"))
+    return f"{median:{spec}} ({p20:{spec}}–{p80:{spec}})"
+
+
+def _sort_key(record: dict, order: tuple[str, ...]) -> int:
+    return order.index(record["impl"]) if record["impl"] in order else len(order)
+
+
+def markdown_tables(results: dict) -> str:
+    """results.md: the environment line and one table per benchmark."""
+    env = results["environment"]
+    lines = [
+        "# fastddim benchmark",
+        "",
+        f"{env['device']} · driver {env.get('driver_version') or '–'} · CUDA {env.get('cuda_version') or '–'} · "
+        f"torch {env['torch']} · triton {env['triton']} · diffusers {env['diffusers']} · fastddim {env['fastddim']} · "
+        f"{env['date']}",
+        "",
+    ]
+    if env["device_type"] != "cuda":
+        lines += [f"> {GPU_MESSAGE}", ""]
+    records = results["records"]
+    steps = [r for r in records if r["benchmark"] == "step"]
+    if steps:
+        lines += [
+            "## Step (one `scheduler.step`)",
+            "",
+            "median µs: CUDA events with a flushed L2 on GPU (device time), host wall on CPU; latency µs: host wall per "
+            "call, back-to-back. GB/s counts model_output + sample (+ noise) read and prev_sample + x_0 written.",
+            "",
+            "| shape | dtype | eta | thr | impl | check | median µs (p20–p80) | latency µs | GB/s | % copy | "
+            "speedup | latency speedup |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        order = {key: i for i, key in enumerate(dict.fromkeys(step_key(r) for r in steps))}
+        for r in sorted(steps, key=lambda r: (order[step_key(r)], _sort_key(r, STEP_ORDER))):
+            lines.append(
+                f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['config']['eta']:g} | "
+                f"{'on' if r['config']['thresholding'] else 'off'} | {r['impl']} | {status(r)} | "
+                f"{_with_range(r, '.2f')} | "
+                f"{fmt(r['latency_us'], '.2f')} | {fmt(r['gb_per_s'], '.1f')} | {fmt(r['pct_of_copy_bw'], '.0f', '%')} | "
+                f"{fmt(r['speedup_vs_diffusers'], '.2f', '×')} | {fmt(r['latency_speedup_vs_diffusers'], '.2f', '×')} |"
+            )
+        lines.append("")
+    loops = [r for r in records if r["benchmark"] == "loop"]
+    if loops:
+        lines += [
+            "## Loop (whole sampling loop)",
+            "",
+            "Host wall per pipeline call; capture s = first call minus a warm call; sched share = steps × one "
+            "scheduler step alone / loop time.",
+            "",
+            "| model | batch | dtype | impl | status | images/s | ms/step | call ms (p20–p80) | capture s | "
+            "peak MiB | sched share | speedup | vs reduce-overhead |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        order = {
+            key: i for i, key in enumerate(dict.fromkeys((r["model"], r["dtype"], r["batch_size"]) for r in loops))
+        }
+        for r in sorted(
+            loops, key=lambda r: (order[(r["model"], r["dtype"], r["batch_size"])], _sort_key(r, LOOP_ORDER))
+        ):
+            lines.append(
+                f"| {r['model']} | {r['batch_size']} | {r['dtype']} | {r['impl']} | {status(r)} | "
+                f"{fmt(r['images_per_s'], '.1f')} | {fmt(r['ms_per_step'], '.3f')} | "
+                f"{_with_range(r, '.1f', 1e-3)} | {fmt(r['capture_s'], '.2f')} | "
+                f"{fmt(r['peak_mem_mib'], '.0f')} | {fmt(None if r['scheduler_share'] is None else 100 * r['scheduler_share'], '.1f', '%')} | "
+                f"{fmt(r['speedup_vs_diffusers'], '.2f', '×')} | "
+                f"{fmt(r['speedup_vs_compile_reduce_overhead'], '.2f', '×')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_plots(results: dict, out_dir: Path) -> list[Path]:
+    """PNG plots: step µs (and latency) vs tensor size per implementation; loop images/s vs batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = results["records"]
+    written = []
+    steps = [
+        r
+        for r in records
+        if r["benchmark"] == "step" and r["median_us"] and r["config"]["eta"] == 0 and not r["config"]["thresholding"]
+    ]
+    for field, filename, ylabel in (
+        ("median_us", "step_us_vs_size.png", "µs per step (device time on GPU)"),
+        ("latency_us", "step_latency_vs_size.png", "µs per step (host wall, back-to-back)"),
+    ):
+        dtypes = sorted({r["dtype"] for r in steps}) or ["none"]
+        fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
+        for ax, dtype in zip(axes[0], dtypes, strict=True):
+            for color, impl in enumerate(STEP_ORDER):
+                points = sorted(
+                    (r["numel"], r[field]) for r in steps if r["dtype"] == dtype and r["impl"] == impl and r[field]
+                )
+                if points:
+                    ax.plot(*zip(*points, strict=True), marker="o", label=impl, color=f"C{color}")
+            ax.set(
+                xscale="log",
+                yscale="log",
+                xlabel="elements per tensor",
+                ylabel=ylabel,
+                title=f"DDIM step, {dtype}, eta=0",
+            )
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.lines:
+                ax.legend()
+            else:
+                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        fig.suptitle(results["environment"]["device"])
+        fig.tight_layout()
+        fig.savefig(out_dir / filename, dpi=110)
+        plt.close(fig)
+        written.append(out_dir / filename)
+
+    loops = [r for r in records if r["benchmark"] == "loop" and r["images_per_s"]]
+    panels = sorted({(r["model"], r["dtype"]) for r in loops}) or [("none", "")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (model, dtype) in zip(axes[0], panels, strict=True):
+        for color, impl in enumerate(LOOP_ORDER):
+            points = sorted(
+                (r["batch_size"], r["images_per_s"])
+                for r in loops
+                if (r["model"], r["dtype"], r["impl"]) == (model, dtype, impl)
+            )
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=impl, color=f"C{color}")
+        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s", title=f"{model} {dtype}".strip())
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"{results['environment']['device']} · {results['settings']['num_inference_steps']}-step loops")
+    fig.tight_layout()
+    fig.savefig(out_dir / "loop_images_per_s.png", dpi=110)
+    plt.close(fig)
+    written.append(out_dir / "loop_images_per_s.png")
+    return written

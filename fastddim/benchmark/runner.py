@@ -1,0 +1,216 @@
+"""A run: the plan for the requested mode and device, every (case, implementation) in turn, results written as it goes.
+
+Cases never end a run: an implementation that raises becomes a record with an ``error``, one that cannot run here a
+record with ``skipped`` (a missing optional component, or a ``torch.compile`` case past the time budget), and
+`summarize_outcomes` tells them apart for the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastddim.benchmark import cases, loop, step
+from fastddim.benchmark.cases import DTYPE_NAMES, LoopCase, Plan, StepCase
+from fastddim.benchmark.environment import environment_info, free_memory
+from fastddim.benchmark.records import METHODOLOGY, SCHEMA_VERSION, error_text, new_record, outcome, write_json
+from fastddim.benchmark.report import fmt, markdown_tables, status, write_plots
+
+
+def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
+    """The cases and timing effort for the requested mode (``--quick``, ``--tiny``, ``--only``...) on this device."""
+    cuda = device.type == "cuda"
+    compile_ok = not args.no_compile and cuda and not (args.quick or args.tiny)
+
+    def available(implementations: dict[str, cases.Implementation]) -> tuple[str, ...]:
+        return tuple(
+            name
+            for name, impl in implementations.items()
+            if (cuda or not impl.cuda_graph) and (compile_ok or not impl.compiles)
+        )
+
+    step_impls, loop_impls = available(step.STEP_IMPLEMENTATIONS), available(loop.LOOP_IMPLEMENTATIONS)
+    if args.tiny:
+        plan = Plan(cases.TINY_STEP_CASES, step_impls, cases.TINY_LOOP_CASES, loop_impls, num_inference_steps=3)
+        plan.rounds, plan.target_round_s, plan.max_calls = 3, 0.002, 20
+        plan.device_warmup_ms, plan.device_rep_ms = 2.0, 5.0
+        plan.loop_rounds = 2
+    elif args.quick:
+        step_cases = cases.GPU_QUICK_STEP_CASES if cuda else cases.CPU_QUICK_STEP_CASES
+        loop_cases = cases.GPU_QUICK_LOOP_CASES if cuda else cases.CPU_QUICK_LOOP_CASES
+        plan = Plan(step_cases, step_impls, loop_cases, loop_impls)
+        plan.rounds = 5
+        if not cuda:
+            # Eager CPU loops have nothing to capture or compile: the untimed first call is warm-up enough.
+            plan.loop_warmup = 0
+    else:
+        plan = Plan(cases.GPU_STEP_CASES, step_impls, cases.GPU_LOOP_CASES, loop_impls)
+    if args.only == "step":
+        plan.loop_cases = []
+    elif args.only == "loop":
+        plan.step_cases = []
+    if args.steps is not None:
+        plan.num_inference_steps = args.steps
+    plan.budget_s = args.budget_s
+    return plan
+
+
+Job = tuple[str, StepCase | LoopCase, str]
+
+
+def compiled_impls() -> set[str]:
+    """Names of the step and loop implementations that use ``torch.compile``."""
+    implementations = {**step.STEP_IMPLEMENTATIONS, **loop.LOOP_IMPLEMENTATIONS}
+    return {name for name, impl in implementations.items() if impl.compiles}
+
+
+def plan_jobs(plan: Plan) -> list[Job]:
+    """(benchmark, case, implementation) in run order: everything but ``torch.compile`` first, compiled cases last."""
+    compiles = compiled_impls()
+    jobs: list[Job] = []
+    for compiled in (False, True):
+        seen_copies: set[tuple] = set()
+        for case in plan.step_cases:
+            for impl in plan.step_impls:
+                if (impl in compiles) != compiled:
+                    continue
+                if impl == "copy":
+                    # The copy ceiling depends on bytes only: once per shape and dtype.
+                    if (case.shape, case.dtype) in seen_copies:
+                        continue
+                    seen_copies.add((case.shape, case.dtype))
+                jobs.append(("step", case, impl))
+        for case in plan.loop_cases:
+            for impl in plan.loop_impls:
+                if (impl in compiles) != compiled:
+                    continue
+                if impl in compiles and case.dtype not in plan.compile_loop_dtypes:
+                    continue
+                jobs.append(("loop", case, impl))
+    compiled_loops = [job for job in jobs if job[0] == "loop" and job[2] in compiles]
+    if compiled_loops:
+        # Batch 1 first (the launch-bound case where reduce-overhead matters most), each case's compiled loops next to
+        # each other so that the time budget never leaves one without the other.
+        others = [job for job in jobs if job not in compiled_loops]
+        jobs = others + sorted(compiled_loops, key=lambda job: (job[1].batch_size, job[1].model))
+    return jobs
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (stdout carries the tables)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bool = True) -> dict:
+    """Runs the plan, writing results.json after every record, then results.md and the plots.
+
+    Args:
+        plan (`Plan`): what to measure.
+        device (`torch.device`): where (already validated).
+        out_dir (`Path`): the output folder, created if missing.
+        plots (`bool`, defaults to `True`): write the PNG plots (skipped with a message without matplotlib).
+
+    Returns:
+        `dict`: the results, with ``written`` (the paths written, not saved in results.json).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "environment": environment_info(device),
+        "settings": {
+            "num_inference_steps": plan.num_inference_steps,
+            "rounds": plan.rounds,
+            "device_warmup_ms": plan.device_warmup_ms,
+            "device_rep_ms": plan.device_rep_ms,
+            "loop_warmup": plan.loop_warmup,
+            "loop_rounds": plan.loop_rounds,
+            "step_impls": list(plan.step_impls),
+            "loop_impls": list(plan.loop_impls),
+            "budget_s": plan.budget_s,
+        },
+        "methodology": METHODOLOGY,
+        "records": [],
+    }
+    records: list[dict] = results["records"]
+    jobs = plan_jobs(plan)
+    compiles = compiled_impls()
+    inputs_cache: dict[StepCase, step.StepInputs] = {}
+    with torch.no_grad():
+        for index, (benchmark, case, impl) in enumerate(jobs, 1):
+            elapsed = time.perf_counter() - started
+            label = f"[{index}/{len(jobs)} {elapsed:5.0f}s] {benchmark} {case.label} {impl}"
+            if impl in compiles and elapsed > plan.budget_s:
+                record = _case_record(benchmark, case, impl, plan)
+                record["skipped"] = f"time budget of {plan.budget_s:.0f} s spent (--budget-s)"
+            else:
+                try:
+                    if benchmark == "step":
+                        if case not in inputs_cache:
+                            inputs_cache.clear()
+                            free_memory(device)
+                            inputs_cache[case] = step.make_step_inputs(case, device, plan.num_inference_steps)
+                        record = step.run_step_impl(inputs_cache[case], impl, plan)
+                    else:
+                        inputs_cache.clear()
+                        record = loop.run_loop_impl(case, impl, device, plan)
+                except Exception as exc:  # (e.g. out of memory building a case's inputs: record it, go on)
+                    record = _case_record(benchmark, case, impl, plan)
+                    record["error"] = error_text(exc)
+                    free_memory(device)
+            records.append(record)
+            progress(f"{label}: {_progress_figures(record)}")
+            write_json(results, out_dir)
+    inputs_cache.clear()
+    step.finalize_step_records(records)
+    loop.finalize_loop_records(records)
+    results["elapsed_s"] = time.perf_counter() - started
+    written = [write_json(results, out_dir), out_dir / "results.md"]
+    written[1].write_text(markdown_tables(results) + "\n")
+    if plots:
+        try:
+            written += write_plots(results, out_dir)
+        except ImportError as exc:
+            progress(f"plots skipped: {exc} (pip install matplotlib)")
+    results["written"] = written
+    return results
+
+
+def summarize_outcomes(records: list[dict]) -> dict[str, list[dict]]:
+    """Records by `outcome`: ``ok``, ``skipped``, ``failed`` (correctness check) and ``error``."""
+    by_outcome: dict[str, list[dict]] = {"ok": [], "skipped": [], "failed": [], "error": []}
+    for record in records:
+        by_outcome[outcome(record)].append(record)
+    return by_outcome
+
+
+def _case_record(benchmark: str, case: StepCase | LoopCase, impl: str, plan: Plan) -> dict:
+    record = new_record(benchmark, name=f"{benchmark}/{case.label}/{impl}", impl=impl, dtype=DTYPE_NAMES[case.dtype])
+    if isinstance(case, StepCase):
+        record.update(
+            shape=list(case.shape), numel=case.numel, config={"eta": case.eta, "thresholding": case.thresholding}
+        )
+    else:
+        record.update(
+            model=case.model,
+            batch_size=case.batch_size,
+            num_inference_steps=plan.num_inference_steps,
+            config={"eta": 0.0, "thresholding": False},
+        )
+    return record
+
+
+def _progress_figures(record: dict) -> str:
+    if record["skipped"] or record["error"]:
+        return status(record)
+    if record["benchmark"] == "step":
+        return (
+            f"{fmt(record['median_us'], '.2f')} µs, latency {fmt(record['latency_us'], '.2f')} µs, "
+            f"{fmt(record['gb_per_s'], '.1f')} GB/s, check {status(record)}"
+        )
+    return f"{fmt(record['images_per_s'], '.1f')} images/s, {fmt(record['ms_per_step'], '.3f')} ms/step"

@@ -84,7 +84,12 @@ class DDIMInverseScheduler(_DiffusersDDIMInverseScheduler):
             raise UnsupportedConfigError(
                 f"beta_schedule must be one of {BETA_SCHEDULES} (or pass trained_betas), got {beta_schedule!r}"
             )
-        _check_inverse_config(prediction_type, timestep_spacing)
+        if prediction_type not in reference.PREDICTION_TYPES:
+            raise UnsupportedConfigError(
+                f"prediction_type must be one of {reference.PREDICTION_TYPES}, got {prediction_type!r}"
+            )
+        # timestep_spacing is checked by set_timesteps, as diffusers does: pipelines build this class from another
+        # scheduler's config (DDIMInverseScheduler.from_config(pipe.scheduler.config)), linspace included.
         if not is_int(steps_offset):
             raise TypeError(f"steps_offset must be an int, got {steps_offset!r}")
         if not is_real(clip_sample_range) or clip_sample_range < 0:

@@ -19,7 +19,7 @@ from fastddim.kernels.ddim_step_backward import ddim_step_backward_kernel
 from fastddim.utils import BoundedCache
 
 # Compiled kernels' launchers by launch signature (the flat backward kernel needs no layout plan).
-_BACKWARD_LAUNCHERS: BoundedCache[tuple, dict] = BoundedCache(64)
+BACKWARD_LAUNCHERS: BoundedCache[tuple, dict] = BoundedCache(64)
 
 
 def launch_ddim_step_backward(
@@ -87,10 +87,10 @@ def launch_ddim_step_backward(
     scalars = (timestep, coef_table.shape[0], clip_sample_range, numel, row_numel)
     grid = (triton.cdiv(numel, block_size),)
     key = tuple(meta.values())
-    launchers = _BACKWARD_LAUNCHERS.get(key)
+    launchers = BACKWARD_LAUNCHERS.get(key)
     if launchers is None:
         launchers = {}
-        _BACKWARD_LAUNCHERS.put(key, launchers)
+        BACKWARD_LAUNCHERS.put(key, launchers)
     constexprs = ops.constexpr_values(ddim_step_backward_kernel, meta)
     ops.launch(ddim_step_backward_kernel, grid, tensors, scalars, meta, constexprs, launchers, traceable)
     return grad_model_output, grad_sample

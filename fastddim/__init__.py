@@ -3,9 +3,10 @@
 from diffusers import SchedulerMixin
 
 from fastddim.interpolation import slerp
+from fastddim.inverse import DDIMInverseScheduler
 from fastddim.pipeline import DDIMPipeline
 from fastddim.scheduler import DDIMScheduler
 
 __version__ = "0.1.0"
 
-__all__ = ["DDIMPipeline", "DDIMScheduler", "SchedulerMixin", "__version__", "slerp"]
+__all__ = ["DDIMInverseScheduler", "DDIMPipeline", "DDIMScheduler", "SchedulerMixin", "__version__", "slerp"]

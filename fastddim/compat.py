@@ -347,10 +347,16 @@ def ddim_scheduler_output(prev_sample: torch.Tensor, pred_original_sample: torch
 # ------------------------------------------------------------------------------------------------ needed private APIs
 
 
-def tensor_version(tensor: torch.Tensor) -> int:
+def tensor_version(tensor: object) -> int | None:
     """The tensor's in-place version counter (``Tensor._version``, torch >= 1.0; no public equivalent): it changes on
-    every in-place write through autograd-visible ops (``copy_``, ``add_``, ``load_state_dict``)."""
-    return tensor._version
+    every in-place write through autograd-visible ops (``copy_``, ``add_``, ``load_state_dict``), also of a view.
+
+    None for non-tensors (and, should torch ever drop the attribute, in-place changes would go unnoticed rather than
+    break anything).
+    """
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    return getattr(tensor, "_version", None)
 
 
 def repair_default_generator(device: torch.device) -> None:

@@ -22,7 +22,16 @@ NOISE_NONE = 0
 NOISE_TENSOR = 1
 NOISE_PHILOX = 2
 
+# TIMESTEP_FROM_PTR values (see fastddim/kernels/ddim_step.py).
+TIMESTEP_SCALAR = 0
+TIMESTEP_POINTER = 1
+TIMESTEP_PER_SAMPLE = 2
+
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Whether the kernels were defined under Triton's interpreter: Triton reads TRITON_INTERPRET when ``@triton.jit``
+# decorates a function, so setting it after import changes nothing but the answer of ``interpreting()``.
+KERNELS_INTERPRETED = not isinstance(ddim_step_flat_kernel, triton.runtime.jit.JITFunction)
 
 
 def interpreting() -> bool:
@@ -67,6 +76,13 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
 
 
+def timestep_mode(timestep_tensor: torch.Tensor | None) -> int:
+    """The kernels' TIMESTEP_FROM_PTR for a device timestep: none, one timestep, or one per batch entry."""
+    if timestep_tensor is None:
+        return TIMESTEP_SCALAR
+    return TIMESTEP_PER_SAMPLE if timestep_tensor.numel() > 1 else TIMESTEP_POINTER
+
+
 def _launch_config(numel: int) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps): a small heuristic, no autotune (the step is cheap to rerun but capture forbids it)."""
     if interpreting():
@@ -75,6 +91,11 @@ def _launch_config(numel: int) -> tuple[int, int]:
     if numel >= 1 << 20:
         return 4096, 8
     return 1024, 4
+
+
+def elementwise_launch_config(numel: int) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps) of the step kernels' heuristic, for other elementwise kernels (the step's backward)."""
+    return _launch_config(numel)
 
 
 def _is_dense(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
@@ -170,7 +191,8 @@ def launch_ddim_step(
     Args:
         model_output, sample: the denoiser output and x_t, same shape and dtype (fp16/bf16/fp32), rank >= 1.
         coef_table: fp32 [T, 8] table from ``build_coefficient_table`` (for this eta) on the tensors' device.
-        timestep_tensor: 0-dim int timestep on the device (graph-friendly); if None, ``timestep`` is used.
+        timestep_tensor: one-element integer timestep on the device (graph-friendly), or a [B] integer tensor of one
+            timestep per batch entry; if None, ``timestep`` is used.
         noise: z of eq. (12), broadcast to ``sample``'s shape; used when ``add_noise`` and ``seed`` is None.
         seed: int64 [1] Philox seed on the device; with ``add_noise``, noise is generated in the kernel from it.
         threshold_scale: fp32 [B] dynamic-thresholding s per sample; replaces clipping when given.
@@ -211,7 +233,7 @@ def launch_ddim_step(
         threshold_scale is not None,
         use_clipped_model_output,
         noise_mode,
-        timestep_tensor is not None,
+        timestep_mode(timestep_tensor),
         sample.is_cuda,
     )
     # Whether kernels are interpreted is fixed when they are decorated (at import), so it needs no place in the key.

@@ -12,8 +12,8 @@ and outputs, and replaces ``set_timesteps`` and ``step``:
   mathematically intended finite result.
 """
 
-import numbers
-import os
+import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -22,17 +22,28 @@ from diffusers import DDIMScheduler as _DiffusersDDIMScheduler
 from diffusers import SchedulerMixin  # noqa: F401  (diffusers' loader looks it up in this module's namespace)
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
-from diffusers.utils.torch_utils import randn_tensor
 
-from fastddim import compat, ops, reference
-from fastddim.reference import ddim_step_ref
-from fastddim.threshold import dynamic_threshold_scale, launch_dynamic_threshold_scale
-from fastddim.utils import normalize_device
+from fastddim import autograd as _autograd  # noqa: F401  (registers the step's backward)
+from fastddim import compat, reference, schedules
+from fastddim.compat import tensor_version
+from fastddim.schedules import TIMESTEP_SPACINGS
+from fastddim.stepping import (
+    BACKEND_ENV_VAR,
+    BACKENDS,
+    backend_for,
+    check_sample_pair,
+    is_int,
+    is_real,
+    resolve_timestep,
+    run_step,
+    selected_backend,
+    step_noise,
+)
+from fastddim.utils import BoundedCache, normalize_device
+
+__all__ = ["BACKENDS", "BACKEND_ENV_VAR", "DDIMScheduler", "UnsupportedConfigError", "selected_backend"]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-BACKENDS = ("auto", "triton", "torch")
-BACKEND_ENV_VAR = "FASTDDIM_BACKEND"
 
 
 class UnsupportedConfigError(ValueError, NotImplementedError):
@@ -41,28 +52,6 @@ class UnsupportedConfigError(ValueError, NotImplementedError):
     A ``ValueError`` as fastddim documents, and a ``NotImplementedError`` as diffusers raises for unknown beta
     schedules, so code written against either keeps working.
     """
-
-
-_INTEGER_DTYPES = frozenset(
-    (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64)
-)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    # float/int first: the numbers.Real ABC check costs about a microsecond, and step() checks several values.
-    return type(value) in (float, int) or (isinstance(value, numbers.Real) and not isinstance(value, bool))
-
-
-def selected_backend() -> str:
-    """The backend named by ``FASTDDIM_BACKEND`` (``auto`` if unset), read at call time."""
-    backend = os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower() or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
-    return backend
 
 
 class DDIMScheduler(_DiffusersDDIMScheduler):
@@ -88,8 +77,12 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         dynamic_thresholding_ratio (`float`, defaults to 0.995): the quantile of |x_0| used as threshold, in (0, 1].
         clip_sample_range (`float`, defaults to 1.0): the clip bound.
         sample_max_value (`float`, defaults to 1.0): upper bound of the dynamic threshold.
-        timestep_spacing (`str`, defaults to `"leading"`): ``leading``, ``trailing`` or ``linspace``.
+        timestep_spacing (`str`, defaults to `"leading"`): ``leading``, ``trailing``, ``linspace`` or ``quad`` (the
+            DDIM paper's quadratic skip; fastddim only, see ``set_timesteps``).
         rescale_betas_zero_snr (`bool`, defaults to `False`): rescale betas to a zero terminal SNR (Lin et al., 2023).
+        prev_timestep_from_schedule (`bool`, defaults to `False`): fastddim only, opt-in. Step from each timestep to
+            the schedule's next one (past the last, to ``final_alpha_cumprod``) instead of diffusers' t - T // N,
+            which lands between schedule entries for every spacing but ``leading`` (``fastddim.schedules``).
 
     Examples::
 
@@ -117,26 +110,27 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         dynamic_thresholding_ratio: float = 0.995,
         clip_sample_range: float = 1.0,
         sample_max_value: float = 1.0,
-        timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading",
+        timestep_spacing: Literal["leading", "trailing", "linspace", "quad"] = "leading",
         rescale_betas_zero_snr: bool = False,
+        prev_timestep_from_schedule: bool = False,
     ):
-        if not _is_int(num_train_timesteps) or num_train_timesteps <= 0:
+        if not is_int(num_train_timesteps) or num_train_timesteps <= 0:
             raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
         if trained_betas is None:
             if beta_schedule not in BETA_SCHEDULES:
                 raise UnsupportedConfigError(
                     f"beta_schedule must be one of {BETA_SCHEDULES} (or pass trained_betas), got {beta_schedule!r}"
                 )
-            if not (_is_real(beta_start) and _is_real(beta_end)) or beta_start < 0 or beta_end < beta_start:
+            if not (is_real(beta_start) and is_real(beta_end)) or beta_start < 0 or beta_end < beta_start:
                 raise ValueError(
                     f"need 0 <= beta_start <= beta_end, got beta_start={beta_start!r}, beta_end={beta_end!r}"
                 )
         elif len(trained_betas) == 0:
             raise ValueError("trained_betas must not be empty")
         _check_step_config(prediction_type, timestep_spacing, dynamic_thresholding_ratio, sample_max_value)
-        if not _is_int(steps_offset):
+        if not is_int(steps_offset):
             raise TypeError(f"steps_offset must be an int, got {steps_offset!r}")
-        if not _is_real(clip_sample_range) or clip_sample_range < 0:
+        if not is_real(clip_sample_range) or clip_sample_range < 0:
             raise ValueError(f"clip_sample_range must be a number >= 0, got {clip_sample_range!r}")
 
         super().__init__(
@@ -156,82 +150,165 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
             timestep_spacing=timestep_spacing,
             rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
-        # `add_noise`/`get_velocity` move `alphas_cumprod` to the samples' device; the step tables are built from
-        # these CPU copies so building one never reads device memory (a host sync).
-        self._alphas_cumprod_cpu = self.alphas_cumprod.detach().to("cpu", torch.float32).clone()
-        self._final_alpha_cumprod_cpu = self.final_alpha_cumprod.detach().to("cpu", torch.float32).clone()
-        self._coef_tables: dict[tuple[int, float, torch.device], torch.Tensor] = {}
+        # The tables are built from CPU copies of alphas_cumprod / final_alpha_cumprod (`_follow_alphas`), so
+        # building one never reads device memory (a host sync).
+        self._alphas_cpu: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(()))
+        self._alphas_state: tuple | None = None
+        self._coef_tables: BoundedCache[tuple, torch.Tensor] = BoundedCache(16)
         self._checked_step_config: tuple | None = None
         self._last_coef_table: tuple | None = None
+        self._schedule: np.ndarray | None = None
+        self._schedule_key: bytes | None = None
+        self._warned_large_eta = False
+        self._follow_alphas()
 
     # ------------------------------------------------------------------------------------------------ timesteps
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | np.ndarray | torch.Tensor | None = None,
+    ) -> None:
         """Sets the discrete timesteps of the sampling chain (run before inference).
 
-        Same schedules as diffusers, except that ``trailing`` never yields N + 1 timesteps ending in -1 (float
-        rounding in diffusers does for 62 values of N <= 1000, e.g. 61): the first N, which diffusers also returns,
-        are kept. When ``device`` is given, the eta = 0 coefficient table is placed there now, so the first step
-        needs no host-to-device copy.
+        diffusers' spacings, except that ``trailing`` never yields N + 1 timesteps ending in -1 (float rounding in
+        diffusers does for 62 values of N <= 1000, e.g. 61): the first N, which diffusers also returns, are kept.
+        ``timestep_spacing="quad"`` is the DDIM paper's quadratic skip without repeated timesteps, so it can yield
+        fewer than N timesteps (``fastddim.schedules.spaced_timesteps``); ``num_inference_steps`` then becomes the
+        number yielded. Each step's previous timestep is t - T // N (diffusers) unless the config's
+        ``prev_timestep_from_schedule`` is set, which steps to the schedule's next entry. When ``device`` is given,
+        the eta = 0 coefficient table is placed there now, so the first step needs no host-to-device copy.
 
         Args:
-            num_inference_steps (`int`): N, a positive int no larger than ``num_train_timesteps``.
+            num_inference_steps (`int`, *optional*): N, a positive int no larger than ``num_train_timesteps``.
             device (`str` or `torch.device`, *optional*): where to put ``timesteps`` (CPU if None).
+            timesteps (`list[int]`, *optional*): a custom schedule instead of N: strictly descending ints in
+                [0, num_train_timesteps); N is then its length. (diffusers' ``retrieve_timesteps`` passes it.)
         """
         num_train_timesteps = self.config.num_train_timesteps
-        if not _is_int(num_inference_steps) or num_inference_steps <= 0:
-            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-        if num_inference_steps > num_train_timesteps:
-            raise ValueError(
-                f"`num_inference_steps`: {num_inference_steps} cannot be larger than `self.config.train_timesteps`:"
-                f" {num_train_timesteps} as the unet model trained with this scheduler can only handle"
-                f" maximal {num_train_timesteps} timesteps."
-            )
-        num_inference_steps = int(num_inference_steps)
-        spacing = self.config.timestep_spacing
-        if spacing == "linspace":
-            timesteps = np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1].astype(np.int64)
-        elif spacing == "leading":
-            step_ratio = num_train_timesteps // num_inference_steps
-            timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].astype(np.int64)
-            timesteps += self.config.steps_offset
-        elif spacing == "trailing":
-            step_ratio = num_train_timesteps / num_inference_steps
-            timesteps = np.round(np.arange(num_train_timesteps, 0, -step_ratio)).astype(np.int64) - 1
-            timesteps = timesteps[:num_inference_steps]
+        if timesteps is not None:
+            if num_inference_steps is not None:
+                raise ValueError("pass either num_inference_steps or timesteps to set_timesteps, not both")
+            schedule = schedules.check_custom_timesteps(timesteps, num_train_timesteps)
         else:
-            raise UnsupportedConfigError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
-        self.num_inference_steps = num_inference_steps
-        self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(device)
+            if num_inference_steps is None:
+                raise ValueError("set_timesteps needs num_inference_steps or timesteps")
+            if not is_int(num_inference_steps) or num_inference_steps <= 0:
+                raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+            if num_inference_steps > num_train_timesteps:
+                raise ValueError(
+                    f"`num_inference_steps`: {num_inference_steps} cannot be larger than `self.config.train_timesteps`:"
+                    f" {num_train_timesteps} as the unet model trained with this scheduler can only handle"
+                    f" maximal {num_train_timesteps} timesteps."
+                )
+            spacing = self.config.timestep_spacing
+            if spacing not in TIMESTEP_SPACINGS:
+                raise UnsupportedConfigError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
+            schedule = schedules.spaced_timesteps(
+                spacing, num_train_timesteps, int(num_inference_steps), self.config.steps_offset
+            )
+        self.num_inference_steps = len(schedule)
+        # Hashable and compared by identity on the hot path: a new object per call.
+        self._schedule_key = schedule.tobytes() if self._prev_from_schedule() else None
+        self._schedule = schedule
+        self.timesteps = torch.from_numpy(np.ascontiguousarray(schedule)).to(device)
         if device is not None:
             self.coefficient_table(torch.device(device), 0.0)
 
+    def _prev_from_schedule(self) -> bool:
+        return bool(getattr(self.config, "prev_timestep_from_schedule", False))
+
     def coefficient_table(self, device: str | torch.device, eta: float = 0.0) -> torch.Tensor:
-        """The fp32 [T, 8] per-timestep coefficient table for the current N and ``eta``, cached per device.
+        """The fp32 [T, 8] per-timestep coefficient table for the current schedule and ``eta``, cached per device.
 
         Building a table copies 32 KB to the device once; pipelines that capture CUDA graphs call this (or one
-        eager step) before capture.
+        eager step) before capture. Tables follow ``alphas_cumprod`` and ``final_alpha_cumprod``: assigning either
+        (or changing it in place) rebuilds them at the next step, reading the new values once (a host sync if they
+        are on a GPU); ``add_noise``/``get_velocity`` moving them to the samples' device changes no value and
+        rebuilds nothing.
         """
         if self.num_inference_steps is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
+        self._follow_alphas()
         last = self._last_coef_table
-        if last is not None and last[0] == device and last[1] == eta and last[2] == self.num_inference_steps:
-            # The common case of a loop: same device, eta and N as the previous step.
+        if (
+            last is not None
+            and last[0] == device
+            and last[1] == eta
+            and last[2] == self.num_inference_steps
+            and last[4] is self._schedule_key
+        ):
+            # The common case of a loop: same device, eta and schedule as the previous step.
             return last[3]
         device = normalize_device(device)
-        key = (self.num_inference_steps, float(eta), device)
+        key = (self.num_inference_steps, float(eta), device, self._schedule_key)
         table = self._coef_tables.get(key)
         if table is None:
-            table = reference.build_coefficient_table(
-                self._alphas_cumprod_cpu, self._final_alpha_cumprod_cpu, self.num_inference_steps, float(eta)
-            ).to(device)
-            if len(self._coef_tables) >= 16:
-                self._coef_tables.clear()
-            self._coef_tables[key] = table
-        self._last_coef_table = (device, eta, self.num_inference_steps, table)
+            table = self._build_table(float(eta)).to(device)
+            self._coef_tables.put(key, table)
+        self._last_coef_table = (device, eta, self.num_inference_steps, table, self._schedule_key)
         return table
+
+    def _build_table(self, eta: float) -> torch.Tensor:
+        alphas_cumprod, final_alpha_cumprod = self._alphas_cpu
+        prev_timesteps = None
+        if self._schedule_key is not None:
+            prev_timesteps = schedules.previous_timesteps(
+                alphas_cumprod.shape[0], self.num_inference_steps, self._schedule
+            )
+        return reference.build_coefficient_table(
+            alphas_cumprod, final_alpha_cumprod, self.num_inference_steps, eta, prev_timesteps
+        )
+
+    def _follow_alphas(self) -> None:
+        """Rebuilds the CPU copies the tables come from when ``alphas_cumprod`` or ``final_alpha_cumprod`` changed."""
+        state = self._alphas_state
+        alphas, final = self.alphas_cumprod, self.final_alpha_cumprod
+        if (
+            state is not None
+            and alphas is state[0]
+            and final is state[2]
+            and tensor_version(alphas) == state[1]
+            and tensor_version(final) == state[3]
+        ):
+            return
+        if not isinstance(alphas, torch.Tensor) or alphas.dim() != 1 or alphas.numel() == 0:
+            raise TypeError(f"alphas_cumprod must be a non-empty 1-D tensor, got {alphas!r:.80}")
+        final = torch.as_tensor(final)
+        self._alphas_cpu = (
+            alphas.detach().to("cpu", torch.float32).clone(),
+            final.detach().to("cpu", torch.float32).reshape(()).clone(),
+        )
+        self._alphas_state = (alphas, tensor_version(alphas), final, tensor_version(final))
+        self._coef_tables.clear()
+        self._last_coef_table = None
+
+    def _keep_following(self, call: Callable[[], torch.Tensor]) -> torch.Tensor:
+        # diffusers' add_noise/get_velocity replace alphas_cumprod by its copy on the samples' device: same values,
+        # so the tables stay (re-reading them from a GPU would be a host sync on every such call).
+        before = self.alphas_cumprod
+        unchanged = self._alphas_state is not None and before is self._alphas_state[0]
+        result = call()
+        after = self.alphas_cumprod
+        if unchanged and after is not before:
+            state = self._alphas_state
+            self._alphas_state = (after, tensor_version(after), *state[2:])
+        return result
+
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor
+    ) -> torch.Tensor:
+        """diffusers' forward process q(x_t | x_0), DDIM eq. (4): per-sample ``timesteps`` of shape (B,) included."""
+        self._follow_alphas()
+        return self._keep_following(lambda: super(DDIMScheduler, self).add_noise(original_samples, noise, timesteps))
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
+        """diffusers' v-prediction target sqrt(alpha_t) noise - sqrt(1 - alpha_t) sample."""
+        self._follow_alphas()
+        return self._keep_following(lambda: super(DDIMScheduler, self).get_velocity(sample, noise, timesteps))
 
     # ------------------------------------------------------------------------------------------------ step
 
@@ -248,13 +325,22 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
     ) -> DDIMSchedulerOutput | tuple:
         """Predicts x_{t-1} from x_t and the model output, DDIM eqs. (12) and (16).
 
+        Differentiable w.r.t. ``model_output`` and ``sample`` (and ``variance_noise``) on every backend, with
+        diffusers' gradients (see ``fastddim.autograd``).
+
         Args:
             model_output (`torch.Tensor`): the denoiser output, same shape, dtype and device as ``sample``.
             timestep (`int` or `torch.Tensor`): the current timestep, an int in [0, num_train_timesteps) or a
-                one-element integer tensor. A tensor on the samples' CUDA device is read by the kernel (no host
-                sync; an out-of-range value there yields NaN outputs instead of an exception).
+                one-element integer tensor; or an integer tensor of shape (B,), one timestep per batch entry, which
+                steps each sample from its own timestep in one launch, equal bit for bit to stepping each alone.
+                A tensor on the samples' CUDA device is read by the kernel (no host sync; an out-of-range value
+                there yields NaN outputs for its samples instead of an exception). Output dtypes: a one-element
+                1-D timestep promotes fp16/bf16 results to fp32 as diffusers does; a (B,) timestep with B > 1
+                (which diffusers cannot step) keeps the sample's dtype.
             sample (`torch.Tensor`): x_t, with the batch in dim 0.
-            eta (`float`, defaults to 0.0): noise weight, >= 0; 0 is DDIM, 1 is DDPM-like.
+            eta (`float`, defaults to 0.0): noise weight, >= 0; 0 is DDIM, 1 is DDPM-like. Above 1, where
+                diffusers returns NaN (1 - alpha_prev - sigma^2 < 0), the direction term is taken as 0 and a
+                warning is given once per scheduler.
             use_clipped_model_output (`bool`, defaults to `False`): re-derive epsilon from the clipped x_0.
             generator (`torch.Generator` or a list of them, *optional*): draws the noise exactly as diffusers does.
             variance_noise (`torch.Tensor`, *optional*): the noise itself, broadcastable to ``sample``.
@@ -281,103 +367,43 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
             # Pipelines may rewrite the config after construction; checked once per set of values, not per step.
             _check_step_config(*step_config)
             self._checked_step_config = step_config
-        _check_sample_pair(model_output, sample)
-        if not _is_real(eta) or not eta >= 0:
+        check_sample_pair(model_output, sample)
+        if not is_real(eta) or not eta >= 0:
             raise ValueError(f"eta must be a real number >= 0, got {eta!r}")
         eta = float(eta)
-        thresholding = bool(config.thresholding)
+        if eta > 1 and not self._warned_large_eta:
+            self._warned_large_eta = True
+            warnings.warn(
+                f"eta = {eta} > 1: 1 - alpha_prev - sigma_t^2 can be negative, where diffusers returns NaN; fastddim"
+                " takes the direction term as 0 there (warned once per scheduler)",
+                stacklevel=2,
+            )
+        thresholding = (config.dynamic_thresholding_ratio, config.sample_max_value) if config.thresholding else None
         if thresholding and sample.dim() < 2:
             raise ValueError(
                 f"dynamic thresholding needs a batch dimension: sample must have rank >= 2, got {sample.dim()}"
             )
+        backend = self._backend_for(sample)
         timestep_int, timestep_tensor, promote = self._resolve_timestep(timestep, sample)
         out_dtype = torch.float32 if promote and sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
-
-        add_noise = eta > 0
-        noise = None
-        if add_noise:
-            if variance_noise is not None and generator is not None:
-                raise ValueError(
-                    "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
-                    " `variance_noise` stays `None`."
-                )
-            if variance_noise is not None:
-                noise = _check_variance_noise(variance_noise, sample)
-            elif generator is not None:
-                noise = randn_tensor(
-                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
-                )
-
-        backend = self._backend_for(sample)
-        prediction_type = config.prediction_type
-        if backend == "torch":
-            if add_noise and noise is None:
-                noise = randn_tensor(
-                    model_output.shape, generator=None, device=model_output.device, dtype=model_output.dtype
-                )
-            if timestep_tensor is not None:
-                # The PyTorch backend is not the graph-capturable path: reading a device timestep here is allowed.
-                timestep_int = self._check_timestep_range(int(timestep_tensor))
-            row = self.coefficient_table("cpu", eta)[timestep_int]
-            prev_sample, pred_original = ddim_step_ref(
-                model_output,
-                sample,
-                row,
-                prediction_type=prediction_type,
-                clip_sample=bool(config.clip_sample),
-                clip_sample_range=float(config.clip_sample_range),
-                dynamic_thresholding=(
-                    (config.dynamic_thresholding_ratio, config.sample_max_value) if thresholding else None
-                ),
-                use_clipped_model_output=bool(use_clipped_model_output),
-                noise=noise,
-            )
-            prev_sample = prev_sample.to(out_dtype)
-            pred_original = pred_original.to(out_dtype)
-        else:
-            table = self.coefficient_table(sample.device, eta)
-            seed = None
-            if add_noise and noise is None:
-                # Drawn by a device op from the default generator: reproducible under torch.manual_seed and advanced
-                # on every CUDA-graph replay, so replays get fresh noise.
-                seed = torch.randint(0, 2**62, (1,), device=sample.device, dtype=torch.int64)
-            prediction_index = reference.PREDICTION_TYPES.index(prediction_type)
-            # Under torch.compile the registered ops keep the graph whole; eagerly the plain launchers skip the
-            # custom-op dispatcher.
-            compiling = torch.compiler.is_compiling()
-            threshold_op = dynamic_threshold_scale if compiling else launch_dynamic_threshold_scale
-            step_op = ops.ddim_step if compiling else ops.launch_ddim_step
-            threshold_scale = None
-            if thresholding:
-                threshold_scale = threshold_op(
-                    model_output,
-                    sample,
-                    table,
-                    timestep_tensor,
-                    timestep_int,
-                    prediction_index,
-                    float(config.dynamic_thresholding_ratio),
-                    float(config.sample_max_value),
-                    traceable=compiling,
-                )
-            prev_sample, pred_original = step_op(
-                model_output,
-                sample,
-                table,
-                timestep_tensor,
-                timestep_int,
-                noise,
-                seed,
-                threshold_scale,
-                add_noise,
-                prediction_index,
-                bool(config.clip_sample),
-                float(config.clip_sample_range),
-                bool(use_clipped_model_output),
-                out_dtype,
-                traceable=compiling,
-            )
-
+        noise = step_noise(eta, generator, variance_noise, model_output)
+        prev_sample, pred_original = run_step(
+            self.coefficient_table,
+            model_output,
+            sample,
+            timestep_int,
+            timestep_tensor,
+            self._check_timestep_range,
+            backend,
+            eta=eta,
+            prediction_type=config.prediction_type,
+            clip_sample=bool(config.clip_sample),
+            clip_sample_range=float(config.clip_sample_range),
+            thresholding=thresholding,
+            use_clipped_model_output=bool(use_clipped_model_output),
+            noise=noise,
+            out_dtype=out_dtype,
+        )
         if not return_dict:
             return (prev_sample, pred_original)
         return compat.ddim_scheduler_output(prev_sample, pred_original)
@@ -388,48 +414,18 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         self, timestep: int | torch.Tensor, sample: torch.Tensor
     ) -> tuple[int, torch.Tensor | None, bool]:
         """Returns (int timestep, device timestep tensor or None, whether diffusers would promote to fp32)."""
-        promote = False
-        if isinstance(timestep, torch.Tensor):
-            if timestep.dtype not in _INTEGER_DTYPES:
-                raise TypeError(f"timestep must be an integer tensor, got dtype {timestep.dtype}")
-            if timestep.numel() != 1:
-                raise ValueError(
-                    f"timestep must be a single timestep (a 0-dim or one-element tensor), got shape {tuple(timestep.shape)}"
-                )
-            # diffusers' coefficients become 1-D for a 1-D timestep, which promotes fp16/bf16 results to fp32.
-            promote = timestep.dim() > 0
-            if timestep.is_cuda:
-                # The kernels read element 0 of a one-element tensor of any rank: no reshape on the hot path.
-                return 0, timestep if timestep.device == sample.device else timestep.to(sample.device), promote
-            timestep = int(timestep)
-        elif isinstance(timestep, np.ndarray) and timestep.size == 1 and np.issubdtype(timestep.dtype, np.integer):
-            timestep = int(timestep.reshape(()))
-        if not _is_int(timestep):
-            raise TypeError(f"timestep must be an int or a one-element integer tensor, got {type(timestep).__name__}")
-        return self._check_timestep_range(int(timestep)), None, promote
+        return resolve_timestep(timestep, sample, self._check_timestep_range)
 
     def _check_timestep_range(self, timestep: int) -> int:
-        num_train_timesteps = self._alphas_cumprod_cpu.shape[0]
+        self._follow_alphas()
+        num_train_timesteps = self._alphas_cpu[0].shape[0]
         if not 0 <= timestep < num_train_timesteps:
             raise ValueError(f"timestep must be in [0, {num_train_timesteps}), got {timestep}")
         return timestep
 
     @staticmethod
     def _backend_for(sample: torch.Tensor) -> str:
-        backend = selected_backend()
-        if backend == "auto":
-            return "triton" if sample.is_cuda and sample.dtype in ops.TRITON_DTYPES else "torch"
-        if backend == "triton":
-            if sample.dtype not in ops.TRITON_DTYPES:
-                raise ValueError(
-                    f"{BACKEND_ENV_VAR}=triton supports sample dtypes {ops.TRITON_DTYPES}, got {sample.dtype}"
-                )
-            if not sample.is_cuda and not ops.interpreting():
-                raise RuntimeError(
-                    f"{BACKEND_ENV_VAR}=triton on {sample.device.type} tensors needs Triton's interpreter: set "
-                    "TRITON_INTERPRET=1 before importing fastddim (or use CUDA tensors)"
-                )
-        return backend
+        return backend_for(sample)
 
 
 def _check_step_config(
@@ -441,49 +437,7 @@ def _check_step_config(
         )
     if timestep_spacing not in TIMESTEP_SPACINGS:
         raise UnsupportedConfigError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
-    if not _is_real(dynamic_thresholding_ratio) or not 0 < dynamic_thresholding_ratio <= 1:
+    if not is_real(dynamic_thresholding_ratio) or not 0 < dynamic_thresholding_ratio <= 1:
         raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio!r}")
-    if not _is_real(sample_max_value) or not sample_max_value > 0:
+    if not is_real(sample_max_value) or not sample_max_value > 0:
         raise ValueError(f"sample_max_value must be a number > 0, got {sample_max_value!r}")
-
-
-def _check_sample_pair(model_output: object, sample: object) -> None:
-    for name, value in (("model_output", model_output), ("sample", sample)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-        if value.dim() == 0:
-            raise ValueError(f"{name} must have at least one dimension (batch first)")
-    if model_output.shape != sample.shape:
-        raise ValueError(
-            f"model_output and sample must have the same shape, got {tuple(model_output.shape)} and {tuple(sample.shape)}"
-        )
-    if model_output.dtype != sample.dtype:
-        raise ValueError(
-            f"model_output and sample must have the same dtype, got {model_output.dtype} and {sample.dtype}"
-        )
-    if model_output.device != sample.device:
-        raise ValueError(
-            f"model_output and sample must be on the same device, got {model_output.device} and {sample.device}"
-        )
-
-
-def _check_variance_noise(variance_noise: object, sample: torch.Tensor) -> torch.Tensor:
-    if not isinstance(variance_noise, torch.Tensor) or not variance_noise.is_floating_point():
-        raise TypeError(f"variance_noise must be a floating-point torch.Tensor, got {variance_noise!r:.80}")
-    if variance_noise.shape == sample.shape:
-        expanded_shape = sample.shape
-    else:
-        try:
-            expanded_shape = torch.broadcast_shapes(variance_noise.shape, sample.shape)
-        except RuntimeError:
-            expanded_shape = None
-    if expanded_shape != sample.shape:
-        raise ValueError(
-            f"variance_noise must be broadcastable to the sample shape {tuple(sample.shape)}, "
-            f"got {tuple(variance_noise.shape)}"
-        )
-    if variance_noise.device != sample.device:
-        raise ValueError(f"variance_noise must be on the sample's device {sample.device}, got {variance_noise.device}")
-    return variance_noise

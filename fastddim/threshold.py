@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from fastddim import compat
+from fastddim import compat, ops
 from fastddim.kernels import threshold as threshold_kernels
 from fastddim.kernels.threshold import dynamic_threshold_scale_kernel
 from fastddim.ops import coalesce_layout, contiguous_strides
@@ -204,7 +204,7 @@ def _plan_threshold(
     stride_s: tuple[int, ...],
     prediction_type: int,
     ratio: float,
-    timestep_from_ptr: bool,
+    timestep_from_ptr: int,
     is_cuda: bool,
     max_programs: int,
 ) -> _ThresholdPlan:
@@ -275,7 +275,8 @@ def launch_dynamic_threshold_scale(
         model_output (`torch.Tensor`): the denoiser output, rank >= 1 with the batch first, fp16/bf16/fp32.
         sample (`torch.Tensor`): x_t, same shape and dtype as ``model_output`` (any strides).
         coef_table (`torch.Tensor`): fp32 [T, 8] table from ``fastddim.reference.build_coefficient_table`` on the device.
-        timestep_tensor (`torch.Tensor`, *optional*): 0-dim int timestep on the device; if None, ``timestep`` is used.
+        timestep_tensor (`torch.Tensor`, *optional*): one-element integer timestep on the device, or [B] timesteps,
+            one per row; if None, ``timestep`` is used.
         timestep (`int`): the timestep when ``timestep_tensor`` is None.
         prediction_type (`int`): index into ``fastddim.reference.PREDICTION_TYPES``.
         ratio (`float`): the quantile of |x_0|, in (0, 1] (validated by the scheduler).
@@ -301,7 +302,15 @@ def launch_dynamic_threshold_scale(
     # The traced launch (torch.compile) keeps one program per row: the shared-histogram scratch is state kept across
     # launches, which a functional graph cannot hold.
     max_programs = 1 if traceable else _max_resident_programs(sample.device)
-    signature = (shape, stride_mo, stride_s, prediction_type, ratio, timestep_tensor is not None, sample.is_cuda)
+    signature = (
+        shape,
+        stride_mo,
+        stride_s,
+        prediction_type,
+        ratio,
+        ops.timestep_mode(timestep_tensor),
+        sample.is_cuda,
+    )
     key = None if traceable else (*signature, max_programs)
     plan = None if key is None else THRESHOLD_PLANS.get(key)
     if plan is None:

@@ -93,7 +93,51 @@ def _step_cases() -> dict:
         (x, x, table, timestep, 0, noise, None, None, True, 0, True, 1.0, False, torch.float16),
         {"flat": False},
     )
+    per_sample = torch.tensor([981, 1])
+    cases["flat-per-sample-timesteps"] = (
+        (x, x, table, per_sample, 0, None, None, None, False, 0, True, 1.0, False, torch.float16),
+        {"flat": True},
+    )
+    cases["strided-per-sample-threshold"] = (
+        (
+            x,
+            x.to(memory_format=torch.channels_last),
+            table,
+            per_sample,
+            0,
+            None,
+            None,
+            scale,
+            False,
+            0,
+            False,
+            1.0,
+            True,
+            torch.float16,
+        ),
+        {"flat": False},
+    )
     return cases
+
+
+def _backward_cases() -> dict:
+    """The step's backward kernel (fastddim.autograd): one flat kernel, every prediction/clamp mode compiles."""
+    generator = torch.Generator().manual_seed(2)
+    table = torch.zeros(1000, 8)
+    x32 = torch.randn(2, 4, 32, 32, generator=generator)
+    x16 = x32.to(torch.float16)
+    scale = torch.ones(2)
+    return {
+        "backward-epsilon-clip-fp32": (
+            (x32, x32, x32, x32, table, torch.tensor(981), 0, None, 0, True, 1.0, False),
+            {},
+        ),
+        "backward-sample-use-clipped-fp32": ((x32, None, x32, x32, table, None, 981, None, 1, True, 1.0, True), {}),
+        "backward-v-per-sample-threshold-fp16": (
+            (x16, x16, x16, x16, table, torch.tensor([981, 1]), 0, scale, 2, False, 1.0, True),
+            {},
+        ),
+    }
 
 
 def _threshold_cases() -> dict:
@@ -105,6 +149,7 @@ def _threshold_cases() -> dict:
     huge = torch.randn(1, 4, 1024, 1024, generator=generator)  # split over 132 SMs: 32768-element streamed spans
     return {
         "threshold-registers": ((small, small, *args), {}),
+        "threshold-per-sample-timesteps": ((small, small, table, torch.tensor([981, 1, 5, 7]), *args[2:]), {}),
         "threshold-streamed": ((large, large, *args), {}),
         "threshold-streamed-strided": ((large, large[:, :, ::1, :].transpose(2, 3), *args), {}),
         # As launched on an H100 (132 SMs): rows split over programs that share histograms.
@@ -117,13 +162,16 @@ def _capture(launcher_name: str, module, kernel_names: tuple[str, ...], args: tu
     launches: list = []
     originals = {name: getattr(module, name) for name in kernel_names}
     # Launch plans hold the kernel object they were planned with: plan afresh with the stand-ins.
-    plans = module.STEP_PLANS if hasattr(module, "STEP_PLANS") else module.THRESHOLD_PLANS
+    plans = {"step": "STEP_PLANS", "threshold": "THRESHOLD_PLANS", "backward": "BACKWARD_LAUNCHERS"}
+    plans = getattr(module, plans[launcher_name])
     plans.clear()
     try:
         for name, kernel in originals.items():
             setattr(module, name, CapturedLaunch(kernel, launches))
         if launcher_name == "step":
             module.launch_ddim_step(*args, traceable=False)
+        elif launcher_name == "backward":
+            module.launch_ddim_step_backward(*args, traceable=False)
         else:
             module.launch_dynamic_threshold_scale(*args, traceable=False)
     finally:
@@ -166,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", choices=sorted(TARGETS), help="print a resource/SASS table for this target")
     options = parser.parse_args(argv)
-    from fastddim import ops, threshold
+    from fastddim import autograd, ops, threshold
 
     if ops.interpreting():
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
@@ -179,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         threshold._max_resident_programs = (lambda device: 132) if expected.get("split") else resident_programs
         launches[name] = (_capture("threshold", threshold, ("dynamic_threshold_scale_kernel",), args), expected)
     threshold._max_resident_programs = resident_programs
+    for name, (args, expected) in _backward_cases().items():
+        launches[name] = (_capture("backward", autograd, ("ddim_step_backward_kernel",), args), expected)
 
     if options.report:
         driver.set_active(CompileOnlyDriver(TARGETS[options.report]))

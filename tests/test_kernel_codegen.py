@@ -1,5 +1,5 @@
-"""The kernels' GPU code, checked without a GPU: 17 variants (every dtype, layout path, noise mode and threshold
-path) compile for A100 (sm_80) and H100 (sm_90), and the PTX has the properties the design relies on.
+"""The kernels' GPU code, checked without a GPU: 23 variants (every dtype, layout path, noise mode, threshold path,
+per-sample timesteps and the step's backward kernel) compile for A100 (sm_80) and H100 (sm_90), and the PTX has the properties the design relies on.
 ``tests/codegen_probe.py`` compiles through the real launchers in a subprocess (compilation needs
 ``TRITON_INTERPRET`` unset, which this process has set when CUDA is absent).
 
@@ -14,6 +14,7 @@ from tests.helpers import run_compiled_probe
 
 TARGETS = ("sm_80", "sm_90")
 FLAT_KERNEL, STRIDED_KERNEL = "ddim_step_flat_kernel", "ddim_step_kernel"
+BACKWARD_KERNEL = "ddim_step_backward_kernel"
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,15 @@ def test_step_has_no_fma_contraction(report):
     for name, entry in _step_cases(report).items():
         if entry.get("philox"):
             continue
+        for target, ptx in entry["targets"].items():
+            assert ptx["fma"] == 0, (name, target)
+
+
+def test_backward_kernel_compiles_without_fma_contraction(report):
+    """The backward kernel reproduces autograd's separately rounded products and sums, as the forward does."""
+    backward = {name: entry for name, entry in report.items() if entry["kernel"] == BACKWARD_KERNEL}
+    assert len(backward) == 3
+    for name, entry in backward.items():
         for target, ptx in entry["targets"].items():
             assert ptx["fma"] == 0, (name, target)
 

@@ -230,3 +230,64 @@ def test_launch_plans_are_cached_per_signature(model_output_layout, sample_layou
         assert torch.equal(prev, prev_ref) and torch.equal(x0, x0_ref)
     (plan,) = ops.STEP_PLANS.values()
     assert (plan.kernel is ops.ddim_step_flat_kernel) == flat
+
+
+@pytest.mark.parametrize("prediction_type", reference.PREDICTION_TYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_per_sample_timesteps_kernel_matches_twin_rows(prediction_type, layout, nan_poisoned_empty):
+    """TIMESTEP_PER_SAMPLE: each element reads its batch entry's row; the twin takes the [B, 8] rows."""
+    table = _table(0.6)
+    generator = torch.Generator().manual_seed(5)
+    sample = torch.randn(3, 4, 5, 6, generator=generator).to(DEVICE)
+    model_output = torch.randn(3, 4, 5, 6, generator=generator).to(DEVICE)
+    noise = torch.randn(3, 4, 5, 6, generator=generator).to(DEVICE)
+    if layout == "strided":
+        sample = sample.transpose(1, 3)
+        model_output = model_output.transpose(1, 3).contiguous()
+        noise = noise.transpose(1, 3)
+    timesteps = torch.tensor([981, 0, 500], device=DEVICE)
+    index = reference.PREDICTION_TYPES.index(prediction_type)
+    prev, x0 = ops.launch_ddim_step(
+        model_output, sample, table, timesteps, 0, noise, None, None, True, index, True, 1.0, True, torch.float32
+    )
+    expected = ddim_step_ref(
+        model_output,
+        sample,
+        table[timesteps],
+        prediction_type=prediction_type,
+        clip_sample=True,
+        clip_sample_range=1.0,
+        use_clipped_model_output=True,
+        noise=noise,
+    )
+    assert torch.equal(prev, expected[0]) and torch.equal(x0, expected[1])
+
+
+@pytest.mark.parametrize("prediction_type", reference.PREDICTION_TYPES)
+@pytest.mark.parametrize("clip_sample, use_clipped", [(False, False), (True, False), (True, True)])
+def test_backward_launcher_matches_twin_autograd(prediction_type, clip_sample, use_clipped):
+    """The fused backward (``fastddim.autograd``) on strided inputs against autograd through the twin."""
+    from fastddim.autograd import launch_ddim_step_backward
+
+    table = _table(0.0)
+    generator = torch.Generator().manual_seed(6)
+    sample, model_output, grad_prev = (
+        (torch.randn(2, 5, 3, 4, generator=generator) * 1.5).to(DEVICE).transpose(1, 2) for _ in range(3)
+    )
+    timesteps = torch.tensor([901, 41], device=DEVICE)
+    index = reference.PREDICTION_TYPES.index(prediction_type)
+    ours = launch_ddim_step_backward(
+        grad_prev, None, model_output, sample, table, timesteps, 0, None, index, clip_sample, 1.0, use_clipped, False
+    )
+    leaves = [t.detach().clone().requires_grad_() for t in (model_output, sample)]
+    prev, _ = ddim_step_ref(
+        *leaves,
+        table[timesteps],
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+        clip_sample_range=1.0,
+        use_clipped_model_output=use_clipped,
+    )
+    expected = torch.autograd.grad(prev, leaves, grad_prev)
+    for a, e in zip(ours, expected, strict=True):
+        assert torch.equal(a, e)

@@ -491,7 +491,7 @@ def test_step_errors(backend):
         ((sample, 1000, sample), {}, ValueError, "timestep"),
         ((sample, -1, sample), {}, ValueError, "timestep"),
         ((sample, 10.0, sample), {}, TypeError, "timestep"),
-        ((sample, torch.tensor([10, 20]), sample), {}, ValueError, "single timestep"),
+        ((sample, torch.tensor([10, 20, 30]), sample), {}, ValueError, "single timestep"),
         ((sample, 10, sample), {"eta": -0.5}, ValueError, "eta"),
         (
             (sample, 10, sample),
@@ -522,9 +522,16 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match="FASTDDIM_BACKEND"):
         scheduler.step(sample, 10, sample)
     monkeypatch.setenv("FASTDDIM_BACKEND", "triton")
+    # As if fastddim had been imported without the interpreter (the kernels are decorated then).
+    monkeypatch.setattr(fastddim.ops, "KERNELS_INTERPRETED", False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 before importing fastddim"):
         scheduler.step(sample, 10, sample)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 was set after fastddim was imported"):
+        scheduler.step(sample, 10, sample)
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTDDIM_BACKEND", "triton")
     with pytest.raises(ValueError, match="dtype"):
         scheduler.step(sample.double(), 10, sample.double())
     monkeypatch.setenv("FASTDDIM_BACKEND", "torch")

@@ -40,6 +40,13 @@ EPSILON = tl.constexpr(0)
 SAMPLE = tl.constexpr(1)
 V_PREDICTION = tl.constexpr(2)
 
+# TIMESTEP_FROM_PTR values: the timestep is the ``timestep`` argument, element 0 of ``timestep_ptr``, or element b of
+# ``timestep_ptr`` for batch entry b (per-sample timesteps, the DDIM paper's own code steps a batch this way). The
+# launchers pass a bool for the first two, which compares equal.
+TIMESTEP_SCALAR = tl.constexpr(0)
+TIMESTEP_POINTER = tl.constexpr(1)
+TIMESTEP_PER_SAMPLE = tl.constexpr(2)
+
 # NOISE_MODE values.
 NOISE_NONE = tl.constexpr(0)
 NOISE_TENSOR = tl.constexpr(1)
@@ -47,7 +54,7 @@ NOISE_PHILOX = tl.constexpr(2)
 
 
 @triton.jit
-def _load_coefficient(coef_row_ptr, column: tl.constexpr, row_valid):
+def load_coefficient(coef_row_ptr, column: tl.constexpr, row_valid):
     # An out-of-range device timestep cannot raise without a host sync; NaN coefficients make it visible instead.
     return tl.load(coef_row_ptr + column, mask=row_valid, other=float("nan"))
 
@@ -55,20 +62,29 @@ def _load_coefficient(coef_row_ptr, column: tl.constexpr, row_valid):
 @triton.jit
 def coefficient_row(
     coef_table_ptr,  # [num_train_timesteps, NUM_COEFS] fp32, contiguous
-    timestep_ptr,  # int64 scalar, read only when TIMESTEP_FROM_PTR
+    timestep_ptr,  # integer scalar, or [B] per sample, read only when TIMESTEP_FROM_PTR
     timestep,  # Python int timestep, used when not TIMESTEP_FROM_PTR
     num_train_timesteps,
+    batch,  # batch index (a scalar or a block of them, each in [0, B)), read only for TIMESTEP_PER_SAMPLE
     TIMESTEP_FROM_PTR: tl.constexpr,
 ):
-    """Returns (pointer to the table row of this step's timestep, whether that timestep is in range)."""
-    t = tl.load(timestep_ptr).to(tl.int64) if TIMESTEP_FROM_PTR else tl.full((), timestep, tl.int64)
+    """Returns (pointer(s) to the table row of this step's timestep(s), whether each timestep is in range).
+
+    With TIMESTEP_PER_SAMPLE and a block of batch indices, both are blocks: every element gathers its own row.
+    """
+    if TIMESTEP_FROM_PTR == TIMESTEP_PER_SAMPLE:
+        t = tl.load(timestep_ptr + batch).to(tl.int64)
+    elif TIMESTEP_FROM_PTR:
+        t = tl.load(timestep_ptr).to(tl.int64)
+    else:
+        t = tl.full((), timestep, tl.int64)
     row_valid = (t >= 0) & (t < num_train_timesteps)
     t = tl.where(row_valid, t, 0)
     return coef_table_ptr + t * NUM_COEFS, row_valid
 
 
 @triton.jit
-def _divide_by_coefficient(numerator, coefficient, reciprocal, DIVIDE_BY_RECIPROCAL: tl.constexpr):
+def divide_by_coefficient(numerator, coefficient, reciprocal, DIVIDE_BY_RECIPROCAL: tl.constexpr):
     """numerator / coefficient, rounded as PyTorch rounds ``tensor / cpu_scalar`` on the tensors' device."""
     if DIVIDE_BY_RECIPROCAL:
         return numerator * reciprocal
@@ -86,11 +102,11 @@ def pred_original_sample(
     DIVIDE_BY_RECIPROCAL: tl.constexpr,
 ):
     """Predicted x_0 from the model output, eq. (12) "predicted x_0" (fp32 in, fp32 out)."""
-    sqrt_alpha_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_T, row_valid)
-    sqrt_beta_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_BETA_PROD_T, row_valid)
+    sqrt_alpha_prod_t = load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_T, row_valid)
+    sqrt_beta_prod_t = load_coefficient(coef_row_ptr, COEF_SQRT_BETA_PROD_T, row_valid)
     if PREDICTION_TYPE == EPSILON:
-        inv_sqrt_alpha_prod_t = _load_coefficient(coef_row_ptr, COEF_INV_SQRT_ALPHA_PROD_T, row_valid)
-        return _divide_by_coefficient(
+        inv_sqrt_alpha_prod_t = load_coefficient(coef_row_ptr, COEF_INV_SQRT_ALPHA_PROD_T, row_valid)
+        return divide_by_coefficient(
             sample - sqrt_beta_prod_t * model_output, sqrt_alpha_prod_t, inv_sqrt_alpha_prod_t, DIVIDE_BY_RECIPROCAL
         )
     elif PREDICTION_TYPE == SAMPLE:
@@ -102,10 +118,10 @@ def pred_original_sample(
 @triton.jit
 def _epsilon_from_pred_original(sample, pred_original, coef_row_ptr, row_valid, DIVIDE_BY_RECIPROCAL: tl.constexpr):
     """epsilon = (x_t - sqrt(alpha_t) x_0) / sqrt(1 - alpha_t), eq. (12) solved for epsilon."""
-    sqrt_alpha_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_T, row_valid)
-    sqrt_beta_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_BETA_PROD_T, row_valid)
-    inv_sqrt_beta_prod_t = _load_coefficient(coef_row_ptr, COEF_INV_SQRT_BETA_PROD_T, row_valid)
-    return _divide_by_coefficient(
+    sqrt_alpha_prod_t = load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_T, row_valid)
+    sqrt_beta_prod_t = load_coefficient(coef_row_ptr, COEF_SQRT_BETA_PROD_T, row_valid)
+    inv_sqrt_beta_prod_t = load_coefficient(coef_row_ptr, COEF_INV_SQRT_BETA_PROD_T, row_valid)
+    return divide_by_coefficient(
         sample - sqrt_alpha_prod_t * pred_original, sqrt_beta_prod_t, inv_sqrt_beta_prod_t, DIVIDE_BY_RECIPROCAL
     )
 
@@ -151,7 +167,7 @@ def _ddim_update(
     off_s,
     off_n,
     off_out,
-    batch,  # [BLOCK_SIZE] int64 batch index of each element (read only when THRESHOLD)
+    batch,  # [BLOCK_SIZE] int64 batch index of each element, in [0, B) (read with THRESHOLD or per-sample timesteps)
     PREDICTION_TYPE: tl.constexpr,
     CLIP_SAMPLE: tl.constexpr,
     THRESHOLD: tl.constexpr,
@@ -163,11 +179,11 @@ def _ddim_update(
 ):
     """The DDIM update of one block of elements, given their offsets: the body both step kernels share."""
     coef_row_ptr, row_valid = coefficient_row(
-        coef_table_ptr, timestep_ptr, timestep, num_train_timesteps, TIMESTEP_FROM_PTR
+        coef_table_ptr, timestep_ptr, timestep, num_train_timesteps, batch, TIMESTEP_FROM_PTR
     )
-    sqrt_alpha_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_T, row_valid)
-    sqrt_beta_prod_t = _load_coefficient(coef_row_ptr, COEF_SQRT_BETA_PROD_T, row_valid)
-    sqrt_alpha_prod_prev = _load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_PREV, row_valid)
+    sqrt_alpha_prod_t = load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_T, row_valid)
+    sqrt_beta_prod_t = load_coefficient(coef_row_ptr, COEF_SQRT_BETA_PROD_T, row_valid)
+    sqrt_alpha_prod_prev = load_coefficient(coef_row_ptr, COEF_SQRT_ALPHA_PROD_PREV, row_valid)
 
     model_output = tl.load(model_output_ptr + off_mo, mask=mask).to(tl.float32)
     sample = tl.load(sample_ptr + off_s, mask=mask).to(tl.float32)
@@ -202,12 +218,12 @@ def _ddim_update(
         )
 
     # 4. x_{t-1} without noise, eq. (12): sqrt(alpha_{t-1}) x_0 + sqrt(1 - alpha_{t-1} - sigma_t^2) epsilon
-    direction_coef = _load_coefficient(coef_row_ptr, COEF_DIRECTION, row_valid)
+    direction_coef = load_coefficient(coef_row_ptr, COEF_DIRECTION, row_valid)
     prev_sample = sqrt_alpha_prod_prev * pred_original + direction_coef * pred_epsilon
 
     # 5. random noise sigma_t * z, eq. (12)
     if NOISE_MODE != NOISE_NONE:
-        std_dev_t = _load_coefficient(coef_row_ptr, COEF_STD_DEV_T, row_valid)
+        std_dev_t = load_coefficient(coef_row_ptr, COEF_STD_DEV_T, row_valid)
     if NOISE_MODE == NOISE_TENSOR:
         noise = tl.load(noise_ptr + off_n, mask=mask).to(tl.float32)
         prev_sample = prev_sample + std_dev_t * noise
@@ -260,7 +276,9 @@ def ddim_step_flat_kernel(
     # int64 so tensors past 2^31 elements index correctly.
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE).to(tl.int64)  # [BLOCK_SIZE]
-    batch = idx // row_numel if THRESHOLD else idx
+    # Clamped so that the masked-off tail of the last block reads a valid per-sample timestep.
+    per_row = THRESHOLD or TIMESTEP_FROM_PTR == TIMESTEP_PER_SAMPLE
+    batch = tl.minimum(idx, numel - 1) // row_numel if per_row else idx
     _ddim_update(
         model_output_ptr,
         sample_ptr,
@@ -301,7 +319,7 @@ def ddim_step_kernel(
     prev_sample_ptr,  # [B, D1, D2, D3] output x_{t-1}
     pred_original_ptr,  # [B, D1, D2, D3] output x_0, same strides as prev_sample
     coef_table_ptr,  # [num_train_timesteps, NUM_COEFS] fp32
-    timestep_ptr,  # int64 scalar when TIMESTEP_FROM_PTR
+    timestep_ptr,  # integer scalar when TIMESTEP_FROM_PTR, [B] for TIMESTEP_PER_SAMPLE
     seed_ptr,  # int64 [1] Philox seed when NOISE_MODE == NOISE_PHILOX
     threshold_scale_ptr,  # fp32 [B] dynamic-threshold s per sample when THRESHOLD
     # Scalars
@@ -363,7 +381,9 @@ def ddim_step_kernel(
         element_offsets(idx, size1, size2, size3, stride_s0, stride_s1, stride_s2, stride_s3),
         element_offsets(idx, size1, size2, size3, stride_n0, stride_n1, stride_n2, stride_n3),
         element_offsets(idx, size1, size2, size3, stride_out0, stride_out1, stride_out2, stride_out3),
-        idx // (size1 * size2 * size3) if THRESHOLD else idx,
+        tl.minimum(idx, numel - 1) // (size1 * size2 * size3)
+        if THRESHOLD or TIMESTEP_FROM_PTR == TIMESTEP_PER_SAMPLE
+        else idx,
         PREDICTION_TYPE,
         CLIP_SAMPLE,
         THRESHOLD,

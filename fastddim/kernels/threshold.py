@@ -140,7 +140,7 @@ def dynamic_threshold_scale_kernel(
     model_output_ptr,  # [B, D1, D2, D3] any float dtype
     sample_ptr,  # [B, D1, D2, D3] same dtype as model_output; not read for PREDICTION_TYPE == SAMPLE
     coef_table_ptr,  # [num_train_timesteps, NUM_COEFS] fp32
-    timestep_ptr,  # int64 scalar when TIMESTEP_FROM_PTR
+    timestep_ptr,  # integer scalar when TIMESTEP_FROM_PTR, [B] per row for TIMESTEP_PER_SAMPLE
     scale_ptr,  # fp32 [B] output s
     scratch_ptr,  # int32 [B, 4, SCRATCH_STRIDE] shared histograms, zero-filled (only read when SHARED_HISTOGRAM)
     barrier_ptr,  # int64 [B] barrier arrival counters (only read when SHARED_HISTOGRAM)
@@ -189,7 +189,7 @@ def dynamic_threshold_scale_kernel(
 
     # For SAMPLE, x_0 = model_output ignores the coefficients (and an out-of-range timestep), as in the step kernel.
     coef_row_ptr, row_valid = coefficient_row(
-        coef_table_ptr, timestep_ptr, timestep, num_train_timesteps, TIMESTEP_FROM_PTR
+        coef_table_ptr, timestep_ptr, timestep, num_train_timesteps, row, TIMESTEP_FROM_PTR
     )
 
     offsets = tl.arange(0, BLOCK_SIZE).to(tl.int64)  # [BLOCK_SIZE]

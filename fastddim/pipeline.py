@@ -188,6 +188,7 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
             image (`PIL.Image.Image`, a list of them, `np.ndarray` or `torch.Tensor`): images as this pipeline
                 outputs them, values in [0, 1]: PIL images (mode ``L`` or ``RGB``), an NHWC array (``output_type
                 "np"``) or an NCHW tensor (``output_type "pt"``); a single HWC array or CHW tensor is one image.
+                Values are checked, except in a CUDA tensor (that would synchronize with the device).
             num_inference_steps (`int`, *optional*, defaults to 50): the number of inversion steps.
             cuda_graph (`bool`, *optional*): capture the loop (`None`: on CUDA); `False` runs it eagerly.
 
@@ -393,7 +394,8 @@ def _images_to_tensor(image: object, sample_shape: tuple[int, ...]) -> torch.Ten
         )
     if tuple(tensor.shape[1:]) != tuple(sample_shape):
         raise ValueError(f"image must hold images of (C, H, W) = {tuple(sample_shape)}, got {tuple(tensor.shape[1:])}")
-    if not bool(((tensor >= 0) & (tensor <= 1)).all()):
+    # A CUDA tensor is taken as it is: checking its values would synchronize with the device.
+    if not tensor.is_cuda and not bool(((tensor >= 0) & (tensor <= 1)).all()):
         raise ValueError("image values must lie in [0, 1], as the pipeline outputs them")
     return tensor
 

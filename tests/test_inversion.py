@@ -167,6 +167,7 @@ def test_gpu_captured_inversion_equals_eager_and_never_syncs(dtype):
     assert torch.equal(graphed, eager)
     torch.cuda.set_sync_debug_mode("error")
     try:
+        # CUDA images in, CUDA latents out: input conversion, replay and output copy stay on the device.
         again = pipe.invert(images, num_inference_steps=10)
     finally:
         torch.cuda.set_sync_debug_mode("default")

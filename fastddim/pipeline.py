@@ -15,10 +15,14 @@ plus ``cuda_graph``. Differences:
 No ``from __future__ import annotations``: diffusers 0.33-0.36 loaders read ``__init__``'s annotations as objects.
 """
 
+import inspect
 import numbers
 
+import numpy as np
+import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
+from diffusers.image_processor import PipelineImageInput
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -74,6 +78,7 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         cuda_graph: bool | None = None,
+        latents: torch.Tensor | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generates images.
 
@@ -89,6 +94,9 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
             return_dict (`bool`, *optional*, defaults to `True`): return an `ImagePipelineOutput` instead of a tuple.
             cuda_graph (`bool`, *optional*): capture the loop in a CUDA graph and replay it. `None` (default) means
                 on when the UNet runs on CUDA; `True` off CUDA is an error; `False` runs the same loop eagerly.
+            latents (`torch.Tensor`, *optional*): the initial noise x_T, (B, C, H, W) as the UNet takes it (e.g. from
+                `invert`), instead of drawing it; B sets the batch size (``batch_size`` must then be 1 or B). A
+                ``generator`` then draws only the step noises (eta > 0). The tensor is not modified.
 
         Returns:
             `ImagePipelineOutput` or `tuple`: the images, or a 1-tuple holding them.
@@ -109,6 +117,8 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if use_clipped_model_output is not None and not isinstance(use_clipped_model_output, bool):
             raise TypeError(f"use_clipped_model_output must be None or a bool, got {use_clipped_model_output!r}")
+        if latents is not None and isinstance(latents, torch.Tensor) and latents.dim() == 4 and batch_size == 1:
+            batch_size = latents.shape[0]
         if isinstance(generator, list):
             if len(generator) != batch_size:
                 raise ValueError(
@@ -123,11 +133,12 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
         device = normalize_device(self._execution_device)
         use_graph = graphs.resolve_cuda_graph(cuda_graph, device)
 
-        sample_size = self.unet.config.sample_size
-        spatial = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-        shape = (batch_size, self.unet.config.in_channels, *spatial)
         dtype = self.unet.dtype
-        image = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if latents is None:
+            shape = (batch_size, *self._sample_shape())
+            image = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            image = self._check_latents(latents, batch_size).to(device=device, dtype=dtype)
 
         eta = float(eta)
         clipped = bool(use_clipped_model_output)
@@ -156,6 +167,108 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    # ------------------------------------------------------------------------------------------------ inversion
+
+    @torch.no_grad()
+    def invert(
+        self,
+        image: PipelineImageInput,
+        num_inference_steps: int = 50,
+        cuda_graph: bool | None = None,
+    ) -> torch.Tensor:
+        r"""DDIM inversion (the paper's encoding x_0 -> x_T, section 5.4): the latents from which this pipeline's
+        deterministic sampler (eta = 0, same ``num_inference_steps``) reconstructs ``image``.
+
+        Runs `fastddim.DDIMInverseScheduler` (built from this pipeline's scheduler config) over the ascending
+        timesteps, the UNet evaluated at each target timestep, as diffusers' inversion pipelines do. On CUDA the loop
+        is captured in a CUDA graph like the sampling loop (``cuda_graph`` as in ``__call__``).
+
+        Args:
+            image (`PIL.Image.Image`, a list of them, `np.ndarray` or `torch.Tensor`): images as this pipeline
+                outputs them, values in [0, 1]: PIL images (mode ``L`` or ``RGB``), an NHWC array (``output_type
+                "np"``) or an NCHW tensor (``output_type "pt"``); a single HWC array or CHW tensor is one image.
+                Values are checked, except in a CUDA tensor (that would synchronize with the device).
+            num_inference_steps (`int`, *optional*, defaults to 50): the number of inversion steps.
+            cuda_graph (`bool`, *optional*): capture the loop (`None`: on CUDA); `False` runs it eagerly.
+
+        Returns:
+            `torch.Tensor`: x_T, (B, C, H, W) in the UNet's dtype on its device, ready for ``pipe(latents=...)``.
+
+        Examples::
+
+            >>> images = pipe(batch_size=4, num_inference_steps=50, output_type="pt").images
+            >>> latents = pipe.invert(images, num_inference_steps=50)
+            >>> again = pipe(latents=latents, num_inference_steps=50, output_type="pt").images
+        """
+        from fastddim.inverse import DDIMInverseScheduler
+
+        device = normalize_device(self._execution_device)
+        use_graph = graphs.resolve_cuda_graph(cuda_graph, device)
+        sample = (_images_to_tensor(image, self._sample_shape()) * 2 - 1).to(device=device, dtype=self.unet.dtype)
+        inverse = self._inverse_scheduler(DDIMInverseScheduler)
+        if not use_graph:
+            inverse.set_timesteps(num_inference_steps, device=device)
+            return self._invert_loop(sample, list(inverse.timesteps), inverse, progress=True)
+
+        inverse.set_timesteps(num_inference_steps)
+        timesteps = inverse.timesteps
+
+        def body(buffers: graphs.LoopBuffers, steps: int) -> torch.Tensor:
+            return self._invert_loop(buffers.inputs["sample"], buffers.timesteps[:steps], inverse, progress=False)
+
+        config = tuple(sorted((name, repr(value)) for name, value in inverse.config.items()))
+        loop = self._captured_loops().lookup(
+            ("invert", id(inverse), config, selected_backend()),
+            device=device,
+            modules=(self.unet,),
+            timesteps=timesteps,
+            inputs={"sample": sample},
+            step_inputs={},
+            body=body,
+            uses_rng=False,
+            keep_alive=(inverse, inverse.coefficient_table(device, 0.0)),
+        )
+        if loop is None:
+            return self._invert_loop(sample, list(timesteps.to(device)), inverse, progress=True)
+        with self.progress_bar(total=len(timesteps)) as bar:
+            latents = loop.replay({"sample": sample}, {})
+            bar.update(len(timesteps))
+        return latents
+
+    def _invert_loop(
+        self, sample: torch.Tensor, timesteps: list[torch.Tensor], inverse: SchedulerMixin, progress: bool
+    ) -> torch.Tensor:
+        """x_0 -> x_T over the ascending ``timesteps``: the UNet at each target timestep, then the inverse step."""
+        for t in self.progress_bar(timesteps) if progress else timesteps:
+            sample = inverse.step(self.unet(sample, t).sample, t, sample).prev_sample
+        return sample
+
+    def _inverse_scheduler(self, inverse_class: type) -> SchedulerMixin:
+        """The inverse scheduler for the current scheduler config, rebuilt when that config changes."""
+        accepted = set(inspect.signature(inverse_class.__init__).parameters) - {"self", "kwargs"}
+        config = {name: value for name, value in self.scheduler.config.items() if name in accepted}
+        key = tuple(sorted((name, repr(value)) for name, value in config.items()))
+        cached = getattr(self, "_cached_inverse_scheduler", None)
+        if cached is None or cached[0] != key:
+            cached = self._cached_inverse_scheduler = (key, inverse_class.from_config(config))
+        return cached[1]
+
+    def _sample_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one sample, from the UNet's config."""
+        sample_size = self.unet.config.sample_size
+        spatial = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+        return (self.unet.config.in_channels, *spatial)
+
+    def _check_latents(self, latents: object, batch_size: int) -> torch.Tensor:
+        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+            raise TypeError(f"latents must be a floating-point torch.Tensor, got {type(latents).__name__}")
+        expected = (batch_size, *self._sample_shape())
+        if tuple(latents.shape) != expected:
+            raise ValueError(
+                f"latents must have shape {expected} (batch, channels, height, width), got {tuple(latents.shape)}"
+            )
+        return latents
 
     # ------------------------------------------------------------------------------------------------ the loop
 
@@ -250,6 +363,41 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
             images = loop.replay({"sample": image}, step_inputs)
             bar.update(num_steps)
         return images
+
+
+def _images_to_tensor(image: object, sample_shape: tuple[int, ...]) -> torch.Tensor:
+    """Images as the pipeline outputs them (PIL, NHWC numpy or NCHW torch, in [0, 1]) as an fp32 NCHW CPU/device
+    tensor, checked against the UNet's (C, H, W)."""
+    if isinstance(image, PIL.Image.Image):
+        image = [image]
+    if isinstance(image, list):
+        if not image or not all(isinstance(im, PIL.Image.Image) for im in image):
+            raise TypeError("image must be a PIL image, a non-empty list of them, an np.ndarray or a torch.Tensor")
+        mode = "L" if sample_shape[0] == 1 else "RGB"
+        image = np.stack([np.asarray(im.convert(mode), dtype=np.float32) / 255.0 for im in image])
+        if image.ndim == 3:
+            image = image[..., None]
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3:
+            image = image[None]
+        if image.ndim != 4:
+            raise ValueError(f"image as an np.ndarray must be NHWC (or HWC), got shape {image.shape}")
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(0, 3, 1, 2)
+    elif isinstance(image, torch.Tensor):
+        tensor = image[None] if image.dim() == 3 else image
+        if tensor.dim() != 4:
+            raise ValueError(f"image as a torch.Tensor must be NCHW (or CHW), got shape {tuple(image.shape)}")
+        tensor = tensor.float()
+    else:
+        raise TypeError(
+            f"image must be a PIL image, a list of them, an np.ndarray or a torch.Tensor, got {type(image).__name__}"
+        )
+    if tuple(tensor.shape[1:]) != tuple(sample_shape):
+        raise ValueError(f"image must hold images of (C, H, W) = {tuple(sample_shape)}, got {tuple(tensor.shape[1:])}")
+    # A CUDA tensor is taken as it is: checking its values would synchronize with the device.
+    if not tensor.is_cuda and not bool(((tensor >= 0) & (tensor <= 1)).all()):
+        raise ValueError("image values must lie in [0, 1], as the pipeline outputs them")
+    return tensor
 
 
 __all__ = ["DDIMPipeline", "CudaGraphCacheInfo", "DEFAULT_CUDA_GRAPH_CACHE_SIZE", "OUTPUT_TYPES"]

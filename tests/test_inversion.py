@@ -90,7 +90,8 @@ def test_image_forms_give_the_same_latents(digits_pipe, real_digits):
     # PIL rounds to 8 bits: compare with the rounded tensor.
     rounded = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255 for im in as_pil]))[:, None]
     assert torch.equal(digits_pipe.invert(as_pil, num_inference_steps=5), digits_pipe.invert(rounded, 5))
-    assert torch.equal(digits_pipe.invert(as_pt[0], num_inference_steps=5), expected[:1])
+    # One CHW image is a batch of one (compared with a batch of one: the UNet's CPU kernels round by batch size).
+    assert torch.equal(digits_pipe.invert(as_pt[0], num_inference_steps=5), digits_pipe.invert(as_pt[:1], 5))
 
 
 @pytest.mark.parametrize(

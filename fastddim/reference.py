@@ -227,7 +227,9 @@ def ddim_step_ref(
     if use_clipped_model_output:
         pred_epsilon = _epsilon_from_pred_original(sample, pred_original, sqrt_alpha_prod_t, sqrt_beta_prod_t)
 
-    prev_sample = torch.mul(pred_original, sqrt_alpha_prod_prev)
+    # Allocated like the sample, as diffusers' out-of-place chain leaves it: a channels-last sample stays channels-last,
+    # so the next UNet call runs the same CPU kernels as under diffusers.
+    prev_sample = torch.mul(pred_original, sqrt_alpha_prod_prev, out=torch.empty_like(sample))
     prev_sample.add_(torch.mul(pred_epsilon, direction_coef))
     if noise is not None:
         prev_sample.add_(torch.mul(noise.to(device=sample.device, dtype=compute_dtype), std_dev_t))

@@ -152,7 +152,9 @@ def pred_original_sample_ref(
     """
     sqrt_alpha_prod_t, sqrt_beta_prod_t = coef_row[0], coef_row[1]
     if prediction_type == "epsilon":
-        pred_original = torch.mul(model_output, sqrt_beta_prod_t)
+        # Laid out like the sample, as diffusers' `(sample - ...) / ...` is: a channels-last sample keeps x_0 and the
+        # step's output channels-last, so the next UNet call runs the same CPU kernels as under diffusers.
+        pred_original = torch.mul(model_output, sqrt_beta_prod_t, out=torch.empty_like(sample))
         torch.sub(sample, pred_original, out=pred_original)
         return pred_original.div_(sqrt_alpha_prod_t), model_output
     if prediction_type == "sample":
@@ -227,9 +229,7 @@ def ddim_step_ref(
     if use_clipped_model_output:
         pred_epsilon = _epsilon_from_pred_original(sample, pred_original, sqrt_alpha_prod_t, sqrt_beta_prod_t)
 
-    # Allocated like the sample, as diffusers' out-of-place chain leaves it: a channels-last sample stays channels-last,
-    # so the next UNet call runs the same CPU kernels as under diffusers.
-    prev_sample = torch.mul(pred_original, sqrt_alpha_prod_prev, out=torch.empty_like(sample))
+    prev_sample = torch.mul(pred_original, sqrt_alpha_prod_prev)
     prev_sample.add_(torch.mul(pred_epsilon, direction_coef))
     if noise is not None:
         prev_sample.add_(torch.mul(noise.to(device=sample.device, dtype=compute_dtype), std_dev_t))

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import fastddim
-from tests.sd_components import ddim_scheduler, sd_components, sdxl_components
 
+# The pipelines' text encoders and tokenizers come from transformers (not a fastddim dependency).
 pytest.importorskip("transformers")
+from tests.sd_components import ddim_scheduler, sd_components, sdxl_components  # noqa: E402
 
 STEPS = 4
 PROMPT = "a photo of a cat"

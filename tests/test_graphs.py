@@ -1,7 +1,9 @@
 """The captured-loop engine (``fastddim.graphs``) on the CPU, through the stand-in for capture (tests/conftest.py):
 keys, per-call and per-step inputs, static buffers, invalidation, LRU, fallback and its warning."""
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -230,3 +232,18 @@ def test_compat_helpers():
     state = torch.get_rng_state()
     compat.repair_default_generator(CPU)  # nothing to repair off CUDA
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_cached_loops_keep_their_modules_alive(stand_in_graphs):
+    """The graph reads the modules' weights and their ids are in the key: a dropped module must not be freed (and its
+    id reused) while a loop captured from it is cached."""
+    cache = CapturedLoopCache()
+    module = torch.nn.Linear(2, 2)
+    alive = weakref.ref(module)
+    lookup(cache, torch.ones(3), module=module)
+    del module
+    gc.collect()
+    assert alive() is not None
+    cache.clear()
+    gc.collect()
+    assert alive() is None

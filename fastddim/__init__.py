@@ -1,5 +1,7 @@
 """fastddim: a Triton-fused, CUDA-graph-ready DDIM sampler for diffusers."""
 
+from typing import Any
+
 from diffusers import SchedulerMixin
 
 from fastddim.interpolation import slerp
@@ -9,4 +11,25 @@ from fastddim.scheduler import DDIMScheduler
 
 __version__ = "0.1.0"
 
-__all__ = ["DDIMInverseScheduler", "DDIMPipeline", "DDIMScheduler", "SchedulerMixin", "__version__", "slerp"]
+__all__ = [
+    "DDIMInverseScheduler",
+    "DDIMPipeline",
+    "DDIMScheduler",
+    "SchedulerMixin",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "__version__",
+    "slerp",
+]
+
+# The Stable Diffusion pipelines import diffusers' (and so transformers, which only they need): loaded on first use.
+_LAZY_PIPELINES = ("StableDiffusionImg2ImgPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_PIPELINES:
+        import fastddim.pipelines
+
+        return getattr(fastddim.pipelines, name)
+    raise AttributeError(f"module 'fastddim' has no attribute {name!r}")

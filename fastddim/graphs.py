@@ -239,8 +239,17 @@ class CapturedLoopCache:
         ]:
             del self._loops[stale]
         try:
+            # The modules stay referenced too: their weights are read by the graph, and their ids are in the key.
             loop = _capture_loop(
-                device, host_timesteps, inputs, step_inputs, body, uses_rng, module_ids, fingerprint, keep_alive
+                device,
+                host_timesteps,
+                inputs,
+                step_inputs,
+                body,
+                uses_rng,
+                module_ids,
+                fingerprint,
+                (*modules, *keep_alive),
             )
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager loop
             compat.repair_default_generator(device)

@@ -242,7 +242,9 @@ def _pred_original_and_epsilon(
     sqrt_alpha_prod_t, sqrt_beta_prod_t = coefs.sqrt_alpha_prod_t, coefs.sqrt_beta_prod_t
     if prediction_type == "epsilon":
         if inplace:
-            pred_original = torch.mul(model_output, sqrt_beta_prod_t)
+            # Laid out like the sample, as diffusers' `(sample - ...) / ...` is: a channels-last sample keeps x_0 and
+            # the step's output channels-last, so the next UNet call runs the same CPU kernels as under diffusers.
+            pred_original = torch.mul(model_output, sqrt_beta_prod_t, out=torch.empty_like(sample))
             torch.sub(sample, pred_original, out=pred_original)
         else:
             pred_original = sample - sqrt_beta_prod_t * model_output

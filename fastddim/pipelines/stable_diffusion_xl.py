@@ -1,0 +1,186 @@
+"""``fastddim.StableDiffusionXLPipeline``: diffusers' SDXL text-to-image pipeline with its DDIM loop (UNet with the
+added ``text_embeds``/``time_ids`` conditioning, guidance, fused step) captured as one CUDA graph
+(``fastddim.pipelines.loop``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffusers
+import torch
+from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
+from diffusers.utils.torch_utils import get_module_execution_device
+
+from fastddim.pipelines.loop import (
+    ConditionalLoop,
+    ConditionalLoopMixin,
+    batch_size_of,
+    call_signature,
+    guidance_embedding,
+)
+
+__all__ = ["StableDiffusionXLPipeline"]
+
+
+class StableDiffusionXLPipeline(ConditionalLoopMixin, diffusers.StableDiffusionXLPipeline):
+    r"""SDXL text-to-image whose DDIM denoising loop runs as one CUDA graph.
+
+    A subclass of `diffusers.StableDiffusionXLPipeline`: same constructor, loaders, call arguments and outputs, plus
+    ``cuda_graph``; see `fastddim.StableDiffusionPipeline` for what runs where. The pooled text embeddings and time
+    ids are per-call inputs of the captured loop; ``denoising_end`` shortens the timesteps (its own captured loop).
+    """
+
+    def __call__(self, *args: Any, cuda_graph: bool | None = None, **kwargs: Any) -> Any:
+        parent_call = diffusers.StableDiffusionXLPipeline.__call__
+        return self._dispatch(parent_call, args, kwargs, cuda_graph, self._generate)
+
+    __call__.__signature__ = call_signature(diffusers.StableDiffusionXLPipeline.__call__)
+
+    def _generate(self, a: dict, device: torch.device, use_graph: bool) -> Any:
+        # diffusers 0.42.1 StableDiffusionXLPipeline.__call__, steps 0-9, then its loop and post-processing.
+        height = a["height"] or self.default_sample_size * self.vae_scale_factor
+        width = a["width"] or self.default_sample_size * self.vae_scale_factor
+        original_size = a["original_size"] or (height, width)
+        target_size = a["target_size"] or (height, width)
+        prompt, prompt_embeds = a["prompt"], a["prompt_embeds"]
+        self.check_inputs(
+            prompt,
+            a["prompt_2"],
+            height,
+            width,
+            None,
+            a["negative_prompt"],
+            a["negative_prompt_2"],
+            prompt_embeds,
+            a["negative_prompt_embeds"],
+            a["pooled_prompt_embeds"],
+            a["negative_pooled_prompt_embeds"],
+            None,
+            None,
+            a["callback_on_step_end_tensor_inputs"],
+        )
+        self._guidance_scale = a["guidance_scale"]
+        self._guidance_rescale = a["guidance_rescale"]
+        self._clip_skip = a["clip_skip"]
+        self._cross_attention_kwargs = None
+        self._denoising_end = a["denoising_end"]
+        self._interrupt = False
+        batch_size = batch_size_of(prompt, prompt_embeds)
+        num_images_per_prompt = a["num_images_per_prompt"]
+
+        (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds) = (
+            self.encode_prompt(
+                prompt=prompt,
+                prompt_2=a["prompt_2"],
+                device=device,
+                num_images_per_prompt=num_images_per_prompt,
+                do_classifier_free_guidance=self.do_classifier_free_guidance,
+                negative_prompt=a["negative_prompt"],
+                negative_prompt_2=a["negative_prompt_2"],
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=a["negative_prompt_embeds"],
+                pooled_prompt_embeds=a["pooled_prompt_embeds"],
+                negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+                lora_scale=None,
+                clip_skip=self.clip_skip,
+            )
+        )
+        timesteps = self._set_timesteps(a["num_inference_steps"], device, use_graph)
+        latents = self.prepare_latents(
+            batch_size * num_images_per_prompt,
+            self.unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            a["generator"],
+            a["latents"],
+        )
+
+        add_text_embeds = pooled_prompt_embeds
+        if self.text_encoder_2 is None:
+            text_encoder_projection_dim = int(pooled_prompt_embeds.shape[-1])
+        else:
+            text_encoder_projection_dim = self.text_encoder_2.config.projection_dim
+        add_time_ids = self._get_add_time_ids(
+            original_size,
+            a["crops_coords_top_left"],
+            target_size,
+            dtype=prompt_embeds.dtype,
+            text_encoder_projection_dim=text_encoder_projection_dim,
+        )
+        if a["negative_original_size"] is not None and a["negative_target_size"] is not None:
+            negative_add_time_ids = self._get_add_time_ids(
+                a["negative_original_size"],
+                a["negative_crops_coords_top_left"],
+                a["negative_target_size"],
+                dtype=prompt_embeds.dtype,
+                text_encoder_projection_dim=text_encoder_projection_dim,
+            )
+        else:
+            negative_add_time_ids = add_time_ids
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds], dim=0)
+            add_text_embeds = torch.cat([negative_pooled_prompt_embeds, add_text_embeds], dim=0)
+            add_time_ids = torch.cat([negative_add_time_ids, add_time_ids], dim=0)
+        prompt_embeds = prompt_embeds.to(device)
+        add_text_embeds = add_text_embeds.to(device)
+        add_time_ids = add_time_ids.to(device).repeat(batch_size * num_images_per_prompt, 1)
+
+        denoising_end = self.denoising_end
+        if denoising_end is not None and isinstance(denoising_end, float) and 0 < denoising_end < 1:
+            num_train_timesteps = self.scheduler.config.num_train_timesteps
+            discrete_timestep_cutoff = int(round(num_train_timesteps - (denoising_end * num_train_timesteps)))
+            timesteps = timesteps[: len(list(filter(lambda ts: ts >= discrete_timestep_cutoff, timesteps)))]
+        timestep_cond = guidance_embedding(self, batch_size * num_images_per_prompt, device, latents.dtype)
+        self._num_timesteps = len(timesteps)
+
+        loop = ConditionalLoop(
+            latents=latents,
+            timesteps=timesteps,
+            prompt_embeds=prompt_embeds,
+            added_cond={"text_embeds": add_text_embeds, "time_ids": add_time_ids},
+            timestep_cond=timestep_cond,
+            guidance_scale=self.guidance_scale if self.do_classifier_free_guidance else None,
+            guidance_rescale=self.guidance_rescale,
+            eta=a["eta"],
+            generator=a["generator"],
+        )
+        latents = self._denoise_latents(loop, device, use_graph)
+        return self._finish(latents, a["output_type"], a["return_dict"])
+
+    def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool) -> Any:
+        """diffusers' SDXL post-processing: VAE upcast where needed, latent denormalisation, decode, watermark."""
+        if output_type != "latent":
+            # make sure the VAE is in float32 mode, as it overflows in float16
+            needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+            if needs_upcasting:
+                self.upcast_vae()
+                latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
+            elif latents.dtype != self.vae.dtype and torch.backends.mps.is_available():
+                self.vae = self.vae.to(latents.dtype)
+            has_latents_mean = getattr(self.vae.config, "latents_mean", None) is not None
+            has_latents_std = getattr(self.vae.config, "latents_std", None) is not None
+            if has_latents_mean and has_latents_std:
+                latents_mean = (
+                    torch.tensor(self.vae.config.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+                )
+                latents_std = (
+                    torch.tensor(self.vae.config.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+                )
+                latents = latents * latents_std / self.vae.config.scaling_factor + latents_mean
+            else:
+                latents = latents / self.vae.config.scaling_factor
+            latents = latents.to(get_module_execution_device(self.vae))
+            image = self.vae.decode(latents, return_dict=False)[0]
+            if needs_upcasting:
+                self.vae.to(dtype=torch.float16)
+            if self.watermark is not None:
+                image = self.watermark.apply_watermark(image)
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        else:
+            image = latents
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return StableDiffusionXLPipelineOutput(images=image)

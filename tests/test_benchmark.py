@@ -530,7 +530,9 @@ def test_step_callable_runs_fastddims_step():
         testing.step_callable((1, 4, 8, 8), torch.float32, device="cpu", cuda_graph=True)
 
 
-def test_fastddim_perf_fixture_saves_and_compares_pytest_benchmark_runs(pytester):
+def test_fastddim_perf_fixture_saves_and_compares_pytest_benchmark_runs(pytester, monkeypatch):
+    # pytest-benchmark disables itself in an xdist worker (it reads this variable), which an outer `pytest -n` sets.
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     storage = pytester.path / "perf"
     pytester.makepyfile(
         test_downstream="""

@@ -528,6 +528,24 @@ def test_step_callable_runs_fastddims_step():
     assert steps == 1 and prev.shape == x0.shape == (1, 4, 8, 8) and prev.isfinite().all()
     with pytest.raises(ValueError, match="CUDA"):
         testing.step_callable((1, 4, 8, 8), torch.float32, device="cpu", cuda_graph=True)
+    for shape in ((), (1, 0, 8), (1, 4.0, 8)):
+        with pytest.raises(ValueError, match="shape"):
+            testing.step_callable(shape, torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"rounds": 0}, "rounds"), ({"warmup_rounds": -1}, "warmup_rounds"), ({"steps_per_round": 0}, "steps_per_round")],
+)
+def test_perf_guard_rejects_bad_rounds(kwargs, message):
+    from fastddim import testing
+
+    guard = testing.PerfGuard(benchmark=None)
+    with pytest.raises(ValueError, match=message):
+        guard.step((1, 4, 8, 8), torch.float32, device="cpu", **kwargs)
+    if "steps_per_round" not in kwargs:
+        with pytest.raises(ValueError, match=message):
+            guard.loop(lambda: None, device="cpu", **kwargs)
 
 
 def test_fastddim_perf_fixture_saves_and_compares_pytest_benchmark_runs(pytester, monkeypatch):

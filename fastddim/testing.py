@@ -32,6 +32,8 @@ move by a few percent between runs: gate at 10 %, not 2 %.
 from __future__ import annotations
 
 import importlib.metadata
+import math
+import operator
 import time
 from collections.abc import Callable
 from typing import Any
@@ -78,6 +80,13 @@ def step_callable(
     """
     import fastddim
 
+    try:
+        sizes = tuple(operator.index(size) for size in shape)
+    except TypeError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"shape must be a non-empty tuple of positive ints, got {shape!r}")
+    shape = sizes
     device = default_device() if device is None else normalize_device(device)
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device, got device={device}")
@@ -152,14 +161,14 @@ class PerfGuard:
             `dict`: the ``extra_info`` saved with the run: ``host_us_per_step`` (median), ``steps_per_round`` and,
             on CUDA, ``device_us_per_step``.
         """
+        _check_rounds(rounds, warmup_rounds)
+        if steps_per_round is not None and steps_per_round < 1:
+            raise ValueError(f"steps_per_round must be >= 1, got {steps_per_round}")
         device = normalize_device(step_kwargs.get("device") or default_device())
         step_kwargs["device"] = device
         fn, unroll = step_callable(shape, dtype, **step_kwargs)
-        numel = 1
-        for size in shape:
-            numel *= int(size)
         if steps_per_round is None:
-            steps_per_round = SMALL_STEPS_PER_ROUND if numel < 1 << 22 else LARGE_STEPS_PER_ROUND
+            steps_per_round = SMALL_STEPS_PER_ROUND if math.prod(shape) < 1 << 22 else LARGE_STEPS_PER_ROUND
         calls = max(1, steps_per_round // unroll)
 
         def one_round() -> None:
@@ -207,6 +216,7 @@ class PerfGuard:
         Returns:
             `dict`: the ``extra_info`` saved with the run: ``first_call_s`` and ``median_call_s``.
         """
+        _check_rounds(rounds, warmup_rounds)
         device = default_device() if device is None else normalize_device(device)
 
         def one_call() -> None:
@@ -221,6 +231,13 @@ class PerfGuard:
         info = {"device": str(device), "first_call_s": first_s, "median_call_s": _median_s(self.benchmark)}
         self.benchmark.extra_info.update(info)
         return info
+
+
+def _check_rounds(rounds: int, warmup_rounds: int) -> None:
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if warmup_rounds < 0:
+        raise ValueError(f"warmup_rounds must be >= 0, got {warmup_rounds}")
 
 
 def _median_s(benchmark: Any) -> float | None:

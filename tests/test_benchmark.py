@@ -1,5 +1,5 @@
 """CPU tests of the benchmark harness (`fastddim.benchmark`), ``fastddim bench`` as a CI step, the timing module, the
-targets script (``bench/targets.py``) and the users' CI plugin (`fastddim.testing`)."""
+targets script (``bench/targets.py``); the users' CI plugin (`fastddim.testing`) is in test_testing.py."""
 
 import argparse
 import dataclasses
@@ -17,8 +17,6 @@ from fastddim import cli, timing
 from fastddim.benchmark import command, loop, records, runner, step
 from fastddim.benchmark.cases import LoopCase, Plan, StepCase
 from fastddim.benchmark.environment import environment_info
-
-pytest_plugins = ("pytester",)
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parent.parent
@@ -301,21 +299,6 @@ def test_tiny_step_run_on_cuda(tmp_path):
         assert record["p20_us"] <= record["median_us"] <= record["p80_us"] and record["latency_us"] > 0
 
 
-@pytest.mark.gpu
-def test_device_time_and_graph_replay_on_cuda():
-    from fastddim import testing
-
-    device = torch.device("cuda", torch.cuda.current_device())
-    x = torch.randn(1 << 20, device=device)
-    y = torch.empty_like(x)
-    stats = timing.device_time_us(lambda: y.copy_(x), device, warmup_ms=5, rep_ms=20)
-    assert stats["n_samples"] > 1 and 0 < stats["p20_us"] <= stats["median_us"] <= stats["p80_us"]
-    fn, steps = testing.step_callable((1, 4, 64, 64), torch.float16, cuda_graph=True)
-    assert steps == timing.graph_unroll(4 * 64 * 64) > 1
-    fn()
-    torch.cuda.synchronize(device)
-
-
 # ------------------------------------------------------------------------------------------------ fastddim bench in CI
 
 
@@ -515,77 +498,3 @@ def test_targets_of_the_committed_h100_run(targets, capsys):
     }
     assert targets.main(["no/such/results.json"]) == 2
     assert capsys.readouterr().err.startswith("error: no/such/results.json: not a readable results.json")
-
-
-# ------------------------------------------------------------------------------------------------ fastddim.testing
-
-
-def test_step_callable_runs_fastddims_step():
-    from fastddim import testing
-
-    fn, steps = testing.step_callable((1, 4, 8, 8), torch.float32, eta=1.0, device="cpu")
-    prev, x0 = fn()
-    assert steps == 1 and prev.shape == x0.shape == (1, 4, 8, 8) and prev.isfinite().all()
-    with pytest.raises(ValueError, match="CUDA"):
-        testing.step_callable((1, 4, 8, 8), torch.float32, device="cpu", cuda_graph=True)
-
-
-def test_fastddim_perf_fixture_saves_and_compares_pytest_benchmark_runs(pytester, monkeypatch):
-    storage = pytester.path / "perf"
-    pytester.makepyfile(
-        test_downstream="""
-        import torch
-
-        def test_step_speed(fastddim_perf):
-            info = fastddim_perf.step((1, 4, 8, 8), torch.float32, device="cpu", rounds=3, warmup_rounds=1)
-            assert info["host_us_per_step"] > 0 and info["steps_per_round"] == 20
-
-        def test_loop_speed(fastddim_perf):
-            info = fastddim_perf.loop(lambda: sum(range(1000)), device="cpu", rounds=3)
-            assert info["first_call_s"] > 0 and info["median_call_s"] > 0
-        """
-    )
-    # The inner sessions run in this process: under pytest-xdist (CI's -n 2) pytest-benchmark reads the worker's
-    # PYTEST_XDIST_WORKER and disables itself.
-    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
-    args = [
-        "-p",
-        "fastddim.testing",
-        f"--benchmark-storage={storage}",
-        "-p",
-        "no:cacheprovider",
-        "-W",
-        "ignore::pytest.PytestAssertRewriteWarning",
-    ]
-    pytester.runpytest_inprocess(*args, "--benchmark-save=baseline").assert_outcomes(passed=2)
-    [saved] = storage.glob("*/0001_baseline.json")
-    data = json.loads(saved.read_text())
-    assert data["machine_info"]["fastddim"]["device"] == timing.device_name("cpu")
-    assert data["machine_info"]["fastddim"]["torch"] == torch.__version__
-    by_name = {bench["name"]: bench for bench in data["benchmarks"]}
-    assert set(by_name) == {"test_step_speed", "test_loop_speed"}
-    assert by_name["test_step_speed"]["extra_info"]["shape"] == [1, 4, 8, 8]
-
-    # A generous gate: this checks the plumbing, not the (noisy) speed of a shared CI machine.
-    compare = [*args, "--benchmark-compare=0001"]
-    passed = pytester.runpytest_inprocess(*compare, "--benchmark-compare-fail=median:100000%")
-    assert passed.ret == 0, passed.outlines
-
-    # A baseline far faster than any real run: a regression.
-    for bench in data["benchmarks"]:
-        bench["stats"]["median"] = 1e-12
-    saved.write_text(json.dumps(data))
-    regressed = pytester.runpytest_inprocess(*compare, "--benchmark-compare-fail=median:10%")
-    assert regressed.ret != 0
-    assert "Performance has regressed" in "\n".join(regressed.outlines + regressed.errlines)
-
-    # A baseline from another device is refused, not compared.
-    data["machine_info"]["fastddim"]["device"] = "NVIDIA H100 80GB HBM3"
-    saved.write_text(json.dumps(data))
-    # (pytest-benchmark's own hook only warns about the machine_info difference, before the plugin refuses.)
-    quiet = ["-W", "ignore::pytest_benchmark.logger.PytestBenchmarkWarning"]
-    refused = pytester.runpytest_inprocess(*compare, *quiet, "--benchmark-compare-fail=median:100000%")
-    assert refused.ret != 0
-    assert "refusing to compare benchmarks of 'NVIDIA H100 80GB HBM3'" in "\n".join(
-        refused.outlines + refused.errlines
-    )

@@ -498,3 +498,20 @@ def test_targets_of_the_committed_h100_run(targets, capsys):
     }
     assert targets.main(["no/such/results.json"]) == 2
     assert capsys.readouterr().err.startswith("error: no/such/results.json: not a readable results.json")
+
+
+def test_reconstruction_record_and_table():
+    """The reconstruction benchmark inverts and reconstructs real digits: a finite error, below that of an image
+    reconstructed from pure noise, and a row in results.md."""
+    from fastddim.benchmark import reconstruction
+    from fastddim.benchmark.cases import Plan
+    from fastddim.benchmark.report import markdown_tables
+
+    plan = Plan([], (), [], (), reconstruction_steps=(3,), reconstruction_images=4)
+    record = reconstruction.reconstruction_record(3, plan, torch.device("cpu"))
+    assert record["benchmark"] == "reconstruction" and record["batch_size"] == 4
+    assert 0 <= record["mse"] < 0.05, record
+    environment = {"device": "cpu", "device_type": "cpu", "torch": "t", "triton": "t", "diffusers": "d"}
+    environment.update(fastddim="f", date="today")
+    table = markdown_tables({"environment": environment, "records": [record]})
+    assert "## Reconstruction" in table and f"| 3 | 4 | {record['mse']:.5f} |" in table

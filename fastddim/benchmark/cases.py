@@ -93,6 +93,9 @@ class Plan:
     loop_rounds: int = 3
     compile_loop_dtypes: tuple[torch.dtype, ...] = (torch.float16,)
     budget_s: float = DEFAULT_BUDGET_S
+    # Reconstruction (invert, then sample back) of this many real digits, once per number of steps S.
+    reconstruction_steps: tuple[int, ...] = ()
+    reconstruction_images: int = 256
 
 
 F16, F32 = torch.float16, torch.float32

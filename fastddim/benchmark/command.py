@@ -61,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="small shapes only, no torch.compile: minutes on a CPU (torch backend vs diffusers)",
     )
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=("all", "step", "loop"), default="all", help="which benchmark to run")
+    parser.add_argument(
+        "--only", choices=("all", "step", "loop", "reconstruction"), default="all", help="which benchmark to run"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile implementations")
     parser.add_argument(
         "--budget-s",

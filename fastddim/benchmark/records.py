@@ -54,6 +54,8 @@ STEP_KEYS = (
     "compile_s",
     "capture_s",
 )
+# DDIM inversion then sampling back (fastddim.benchmark.reconstruction).
+RECONSTRUCTION_KEYS = ("model", "batch_size", "num_inference_steps", "first_call_s", "mse", "latent_std")
 LOOP_KEYS = (
     "model",
     "shape",
@@ -75,7 +77,7 @@ TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bf
 
 def new_record(benchmark: str, **fields: Any) -> dict[str, Any]:
     """A record with every schema key present (None where it does not apply)."""
-    keys = RECORD_KEYS + (STEP_KEYS if benchmark == "step" else LOOP_KEYS)
+    keys = RECORD_KEYS + {"step": STEP_KEYS, "loop": LOOP_KEYS, "reconstruction": RECONSTRUCTION_KEYS}[benchmark]
     record: dict[str, Any] = dict.fromkeys(keys)
     record["benchmark"] = benchmark
     record["notes"] = []

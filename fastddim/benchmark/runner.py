@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fastddim.benchmark import cases, loop, step
+from fastddim.benchmark import cases, loop, reconstruction, step
 from fastddim.benchmark.cases import DTYPE_NAMES, LoopCase, Plan, StepCase
 from fastddim.benchmark.environment import environment_info, free_memory
 from fastddim.benchmark.records import METHODOLOGY, SCHEMA_VERSION, error_text, new_record, outcome, write_json
@@ -50,17 +50,24 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
             plan.loop_warmup = 0
     else:
         plan = Plan(cases.GPU_STEP_CASES, step_impls, cases.GPU_LOOP_CASES, loop_impls)
-    if args.only == "step":
-        plan.loop_cases = []
-    elif args.only == "loop":
-        plan.step_cases = []
+    if not args.tiny:
+        # The DDIM paper's Table 2 steps; fewer digits and steps for --quick on a CPU (minutes per S there).
+        plan.reconstruction_steps = (10, 20, 50, 100) if cuda or not args.quick else (10, 50)
+        plan.reconstruction_images = 256 if cuda or not args.quick else 64
+    if args.only != "all":
+        if args.only != "step":
+            plan.step_cases = []
+        if args.only != "loop":
+            plan.loop_cases = []
+        if args.only != "reconstruction":
+            plan.reconstruction_steps = ()
     if args.steps is not None:
         plan.num_inference_steps = args.steps
     plan.budget_s = args.budget_s
     return plan
 
 
-Job = tuple[str, StepCase | LoopCase, str]
+Job = tuple[str, StepCase | LoopCase | int, str]
 
 
 def compiled_impls() -> set[str]:
@@ -98,7 +105,10 @@ def plan_jobs(plan: Plan) -> list[Job]:
         # each other so that the time budget never leaves one without the other.
         others = [job for job in jobs if job not in compiled_loops]
         jobs = others + sorted(compiled_loops, key=lambda job: (job[1].batch_size, job[1].model))
-    return jobs
+    # Reconstruction needs no torch.compile: before the compiled cases, which the time budget may cut.
+    reconstructions: list[Job] = [("reconstruction", steps, "fastddim") for steps in plan.reconstruction_steps]
+    first_compiled = next((i for i, job in enumerate(jobs) if job[2] in compiles), len(jobs))
+    return jobs[:first_compiled] + reconstructions + jobs[first_compiled:]
 
 
 def progress(message: str) -> None:
@@ -144,7 +154,8 @@ def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bo
     with torch.no_grad():
         for index, (benchmark, case, impl) in enumerate(jobs, 1):
             elapsed = time.perf_counter() - started
-            label = f"[{index}/{len(jobs)} {elapsed:5.0f}s] {benchmark} {case.label} {impl}"
+            case_label = f"S={case}" if benchmark == "reconstruction" else case.label
+            label = f"[{index}/{len(jobs)} {elapsed:5.0f}s] {benchmark} {case_label} {impl}"
             if impl in compiles and elapsed > plan.budget_s:
                 record = _case_record(benchmark, case, impl, plan)
                 record["skipped"] = f"time budget of {plan.budget_s:.0f} s spent (--budget-s)"
@@ -156,6 +167,9 @@ def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bo
                             free_memory(device)
                             inputs_cache[case] = step.make_step_inputs(case, device, plan.num_inference_steps)
                         record = step.run_step_impl(inputs_cache[case], impl, plan)
+                    elif benchmark == "reconstruction":
+                        inputs_cache.clear()
+                        record = reconstruction.reconstruction_record(case, plan, device)
                     else:
                         inputs_cache.clear()
                         record = loop.run_loop_impl(case, impl, device, plan)
@@ -189,7 +203,10 @@ def summarize_outcomes(records: list[dict]) -> dict[str, list[dict]]:
     return by_outcome
 
 
-def _case_record(benchmark: str, case: StepCase | LoopCase, impl: str, plan: Plan) -> dict:
+def _case_record(benchmark: str, case: StepCase | LoopCase | int, impl: str, plan: Plan) -> dict:
+    if benchmark == "reconstruction":
+        name = f"reconstruction/{reconstruction.DIGITS_MODEL}/S={case}"
+        return new_record(benchmark, name=name, impl=impl, dtype="fp32", num_inference_steps=case)
     record = new_record(benchmark, name=f"{benchmark}/{case.label}/{impl}", impl=impl, dtype=DTYPE_NAMES[case.dtype])
     if isinstance(case, StepCase):
         record.update(
@@ -208,6 +225,8 @@ def _case_record(benchmark: str, case: StepCase | LoopCase, impl: str, plan: Pla
 def _progress_figures(record: dict) -> str:
     if record["skipped"] or record["error"]:
         return status(record)
+    if record["benchmark"] == "reconstruction":
+        return f"MSE {fmt(record['mse'], '.5f')} over {record['batch_size']} digits"
     if record["benchmark"] == "step":
         return (
             f"{fmt(record['median_us'], '.2f')} µs, latency {fmt(record['latency_us'], '.2f')} µs, "

@@ -1,3 +1,19 @@
+"""``fastddim.DDIMPipeline``: diffusers' ``DDIMPipeline`` that keeps fastddim's scheduler and replays the whole
+sampling loop as one CUDA graph.
+
+Same call signature, outputs, initial noise and post-processing as ``diffusers.DDIMPipeline`` (diffusers 0.42.1),
+plus ``cuda_graph``. Differences:
+
+- The scheduler it is given is kept (diffusers rebuilds it as a stock ``DDIMScheduler``); a diffusers scheduler is
+  converted to ``fastddim.DDIMScheduler`` through its config. ``save_pretrained``/``from_pretrained`` round-trip it.
+- On CUDA the loop (every UNet call and every fused step) is captured once per configuration and replayed, through
+  the captured-loop engine (``fastddim.graphs``). Timesteps reach the UNet and the step as device tensors, so nothing
+  in the loop is created from Python numbers.
+- Step noise for eta > 0: with a ``generator`` the per-step noises are drawn up front in diffusers' order (same images
+  as diffusers); without one the fused kernel draws them in-kernel from torch's default CUDA generator, so each
+  replay gets fresh noise and ``torch.manual_seed`` makes runs reproducible.
+"""
+
 from __future__ import annotations
 
 import numbers

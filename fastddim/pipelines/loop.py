@@ -11,6 +11,7 @@ buffers per call, so a new prompt, guidance or seed replays the same graph.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ class ConditionalLoopMixin(CudaGraphCacheMixin):
                     f"{type(self.scheduler).__name__}"
                 )
             return parent_call(self, *args, **kwargs)
-        bound = inspect.signature(parent_call).bind(self, *args, **kwargs)
+        bound = _signature(parent_call).bind(self, *args, **kwargs)
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         arguments.update(arguments.pop("kwargs", {}))
@@ -309,6 +310,12 @@ def batch_size_of(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | 
     if prompt is not None and isinstance(prompt, list):
         return len(prompt)
     return prompt_embeds.shape[0]
+
+
+@functools.cache
+def _signature(function: Callable) -> inspect.Signature:
+    # inspect.signature walks the decorators' __wrapped__ chain and the annotations: once per parent class.
+    return inspect.signature(function)
 
 
 def _converted(scheduler: Any) -> Any:

@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 
-__all__ = ["repair_default_generator", "tensor_version"]
+__all__ = ["module_execution_device", "repair_default_generator", "tensor_version"]
 
 
 # ------------------------------------------------------------------------------------------------ needed private APIs
@@ -39,3 +39,17 @@ def repair_default_generator(device: torch.device) -> None:
             generator.graphsafe_set_state(generator.clone_state())
     with contextlib.suppress(Exception):
         generator.set_state(state)
+
+
+# ------------------------------------------------------------------------------------------------ diffusers versions
+
+
+def module_execution_device(module: torch.nn.Module) -> torch.device | None:
+    """Where diffusers runs ``module`` (``diffusers.utils.torch_utils.get_module_execution_device``: the offload
+    hook's device, else the parameters'); None on diffusers versions without it (0.32 has none), whose SDXL pipeline
+    decodes without moving the latents first."""
+    try:
+        from diffusers.utils.torch_utils import get_module_execution_device
+    except ImportError:
+        return None
+    return get_module_execution_device(module)

@@ -204,7 +204,8 @@ class ConditionalLoopMixin(CudaGraphCacheMixin):
             if guidance_scale is not None:
                 noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                 # (text - uncond) * g: diffusers' `g * (text - uncond)` with a Python float is this same mul, whose
-                # scalar operand may here be a 0-dim tensor of the graph's static buffers.
+                # scalar operand may here be a 0-dim fp32 tensor of the graph's static buffers (bit-identical in fp32;
+                # with fp16/bf16 latents CUDA rounds that g to the latents' dtype first, exact for 7.5, 5.0, 3.0...).
                 noise_pred = noise_pred_uncond + (noise_pred_text - noise_pred_uncond) * guidance_scale
                 if guidance_rescale > 0.0:
                     noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=guidance_rescale)

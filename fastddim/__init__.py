@@ -29,7 +29,11 @@ _LAZY_PIPELINES = ("StableDiffusionImg2ImgPipeline", "StableDiffusionPipeline", 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY_PIPELINES:
-        import fastddim.pipelines
-
+        try:
+            import fastddim.pipelines
+        except ImportError as exc:
+            raise ImportError(
+                f"fastddim.{name} needs diffusers' Stable Diffusion pipelines and transformers ({exc})"
+            ) from exc
         return getattr(fastddim.pipelines, name)
     raise AttributeError(f"module 'fastddim' has no attribute {name!r}")

@@ -41,6 +41,7 @@ __all__ = [
     "inductor_triton_launcher",
     "launch",
     "launcher_key",
+    "module_execution_device",
     "raise_dynamo_limits",
     "refresh",
     "repair_default_generator",
@@ -425,3 +426,14 @@ def cudagraph_skip_count() -> int:
     except ImportError:
         return 0
     return int(counters["inductor"]["cudagraph_skips"])
+
+
+def module_execution_device(module: torch.nn.Module) -> torch.device | None:
+    """Where diffusers runs ``module`` (``diffusers.utils.torch_utils.get_module_execution_device``: the offload
+    hook's device, else the parameters'); None on diffusers versions without it (0.32 has none), whose SDXL pipeline
+    decodes without moving the latents first."""
+    try:
+        from diffusers.utils.torch_utils import get_module_execution_device
+    except ImportError:
+        return None
+    return get_module_execution_device(module)

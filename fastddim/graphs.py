@@ -300,7 +300,8 @@ class CudaGraphCacheMixin:
         """Drops every captured loop (freeing their memory) and forgets which configurations failed to capture.
 
         Call it after changing the UNet in ways the cache cannot see: replacing submodules or attention processors,
-        or writing weights through ``.data`` (which bypasses the version counters the cache checks).
+        settings its forward reads from Python attributes (FreeU's factors, say: the graph holds the values it was
+        captured with), or writing weights through ``.data`` (which bypasses the version counters the cache checks).
         """
         self._captured_loops().clear()
 

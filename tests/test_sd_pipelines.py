@@ -73,6 +73,7 @@ TEXT2IMG_CASES = {
     "guidance7.5-negative-prompt": dict(guidance_scale=7.5, negative_prompt="blurry, low quality"),
     "two-prompts-two-per-prompt": dict(prompt=[PROMPT, "a dog"], num_images_per_prompt=2, eta=1.0, seeds=(1, 2, 3, 4)),
     "guidance-rescale": dict(guidance_rescale=0.7, eta=0.5),
+    "given-latents": dict(latents=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9)), eta=1.0),
 }
 
 
@@ -99,6 +100,21 @@ def test_zero_terminal_snr_trailing_v_prediction_matches_diffusers(sd, path):
     mine, reference = call_both(ours, theirs, path, prompt=PROMPT, num_inference_steps=STEPS, guidance_rescale=0.7)
     assert np.isfinite(mine).all()
     np.testing.assert_array_equal(mine, reference)
+
+
+def test_guidance_embedding_unet_matches_diffusers(sd, path):
+    """UNets with ``time_cond_proj_dim`` (guidance-distilled) take the guidance as an embedding, a per-call input of the
+    captured loop: a new guidance value replays the same graph."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel.from_config({**sd["unet"].config, "time_cond_proj_dim": 8}).eval()
+    ours, theirs = pair(fastddim.StableDiffusionPipeline, diffusers.StableDiffusionPipeline, {**sd, "unet": unet})
+    for guidance_scale in (7.5, 3.0):
+        mine, reference = call_both(
+            ours, theirs, path, prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=guidance_scale
+        )
+        np.testing.assert_array_equal(mine, reference)
+    if path == "graph":
+        assert ours.cuda_graph_cache_info()[:2] == (1, 1)
 
 
 def init_image(channels_last: bool = False) -> torch.Tensor:

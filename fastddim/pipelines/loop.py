@@ -11,6 +11,7 @@ buffers per call, so a new prompt, guidance or seed replays the same graph.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ class ConditionalLoopMixin(CudaGraphCacheMixin):
                     f"{type(self.scheduler).__name__}"
                 )
             return parent_call(self, *args, **kwargs)
-        bound = inspect.signature(parent_call).bind(self, *args, **kwargs)
+        bound = _signature(parent_call).bind(self, *args, **kwargs)
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         arguments.update(arguments.pop("kwargs", {}))
@@ -203,7 +204,8 @@ class ConditionalLoopMixin(CudaGraphCacheMixin):
             if guidance_scale is not None:
                 noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                 # (text - uncond) * g: diffusers' `g * (text - uncond)` with a Python float is this same mul, whose
-                # scalar operand may here be a 0-dim tensor of the graph's static buffers.
+                # scalar operand may here be a 0-dim fp32 tensor of the graph's static buffers (bit-identical in fp32;
+                # with fp16/bf16 latents CUDA rounds that g to the latents' dtype first, exact for 7.5, 5.0, 3.0...).
                 noise_pred = noise_pred_uncond + (noise_pred_text - noise_pred_uncond) * guidance_scale
                 if guidance_rescale > 0.0:
                     noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=guidance_rescale)
@@ -309,6 +311,12 @@ def batch_size_of(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | 
     if prompt is not None and isinstance(prompt, list):
         return len(prompt)
     return prompt_embeds.shape[0]
+
+
+@functools.cache
+def _signature(function: Callable) -> inspect.Signature:
+    # inspect.signature walks the decorators' __wrapped__ chain and the annotations: once per parent class.
+    return inspect.signature(function)
 
 
 def _converted(scheduler: Any) -> Any:

@@ -9,8 +9,8 @@ from typing import Any
 import diffusers
 import torch
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
-from diffusers.utils.torch_utils import get_module_execution_device
 
+from fastddim import compat
 from fastddim.pipelines.loop import (
     ConditionalLoop,
     ConditionalLoopMixin,
@@ -171,7 +171,9 @@ class StableDiffusionXLPipeline(ConditionalLoopMixin, diffusers.StableDiffusionX
                 latents = latents * latents_std / self.vae.config.scaling_factor + latents_mean
             else:
                 latents = latents / self.vae.config.scaling_factor
-            latents = latents.to(get_module_execution_device(self.vae))
+            vae_device = compat.module_execution_device(self.vae)
+            if vae_device is not None:
+                latents = latents.to(vae_device)
             image = self.vae.decode(latents, return_dict=False)[0]
             if needs_upcasting:
                 self.vae.to(dtype=torch.float16)

@@ -103,7 +103,11 @@ class SampleFolder:
                 "with the same settings or choose a new folder"
             )
         for manifest in sorted(root.glob(outputs.MANIFEST_GLOB)):
-            for entry in outputs.read_manifest(manifest):
+            try:
+                entries = outputs.read_manifest(manifest)
+            except OSError as exc:
+                raise FolderRefused(f"cannot read {manifest}: {exc.strerror or exc}") from None
+            for entry in entries:
                 if entry.get("settings_hash") != self.hash:
                     raise FolderRefused(
                         f"{manifest} holds images made with other settings (settings_hash "

@@ -157,7 +157,7 @@ def _sample(
         if folder is not None:
             drawn, total = sum(pending_counts), len(seeds)
             kept = f", {total - drawn} of them already there" if drawn < total else ""
-            what = f"{total} images{kept} ({target.fmt}) to {target.path}/"
+            what = f"{total} image{'s' if total != 1 else ''}{kept} ({target.fmt}) to {target.path}/"
             if team.world_size > 1:
                 what += f" from {team.world_size} processes"
         print(
@@ -263,8 +263,9 @@ def _write_batch(folder: SampleFolder, batch: np.ndarray, images: np.ndarray) ->
     try:
         folder.write(batch, to_uint8(images))
     except OSError as exc:
+        where = exc.filename or folder.root
         raise UsageError(
-            f"cannot write to {folder.root}: {exc.strerror or first_line(exc)} (the images written before are intact)"
+            f"cannot write {where}: {exc.strerror or first_line(exc)} (the images written before are intact)"
         ) from None
 
 

@@ -207,15 +207,22 @@ class SampleFolder:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     self._made_folders.add(dest.parent)
                 data = outputs.encode_image(image)
-                outputs.write_bytes(dest, data, fsync_dir=False)
+                try:
+                    outputs.write_bytes(dest, data, fsync_dir=False)
+                except OSError as exc:
+                    # Name the image, not the temporary file the error was raised for.
+                    raise OSError(exc.errno, exc.strerror, str(dest)) from None
                 touched.add(dest.parent)
                 lines.append({"seed": seed, "file": relpath, "sha256": outputs.sha256_bytes(data)})
             for folder in touched:
                 outputs.fsync_folder(folder)
         else:
             name = f"samples-{int(seeds[0]):06d}-r{self.rank}.npz"
-            with outputs.atomic_write(self.root / name) as handle:
-                np.savez(handle, images=pixels, seeds=seeds.astype(np.int64))
+            try:
+                with outputs.atomic_write(self.root / name) as handle:
+                    np.savez(handle, images=pixels, seeds=seeds.astype(np.int64))
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(self.root / name)) from None
             for index, (seed, image) in enumerate(zip(seeds.tolist(), pixels, strict=True)):
                 lines.append(
                     {"seed": seed, "file": name, "index": index, "sha256": outputs.sha256_bytes(image.tobytes())}

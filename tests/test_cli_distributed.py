@@ -164,3 +164,28 @@ def test_bad_torchrun_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="RANK=3"):
         distributed.join("cpu", timeout_s=datetime.timedelta(seconds=5).total_seconds())
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_torchrun_on_cuda_matches_one_process(tmp_path):
+    """NCCL default group plus the gloo control group, one rank on cuda:0: the images of a plain run."""
+    common = ["--steps", "5", "--eta", "1", "--seeds", "0-9", "--device", "cuda"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port"]
+    ranked = subprocess.run(
+        [*launcher, str(free_port()), "-m", "fastddim", "sample", *common, "--out", str(tmp_path / "ranked")],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=600,
+    )
+    assert ranked.returncode == 0, ranked.stderr
+    plain = subprocess.run(
+        [sys.executable, "-m", "fastddim", "sample", *common, "--out", str(tmp_path / "plain")],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=600,
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert sorted_entries(tmp_path / "ranked") == sorted_entries(tmp_path / "plain")

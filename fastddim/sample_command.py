@@ -16,6 +16,7 @@ import pathlib
 import signal
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
@@ -119,6 +120,10 @@ def _sample(
     sampling_started = time.perf_counter()
     chunks: list[np.ndarray] = []
     bar = tqdm(total=sum(pending_counts), unit="image", desc="sampling", disable=True if team.rank else None)
+    # A folder's files (encoding, fsync per file) are written on a thread while the next batch samples; one batch
+    # at most is in flight, and its errors surface at the next meeting of the ranks.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastddim-writer") if folder is not None else None
+    in_flight: Future | None = None
     try:
         for index in range(rounds):
             batch = my_batches[index] if index < len(my_batches) else None
@@ -134,25 +139,33 @@ def _sample(
                     ).images.astype(np.float32)
                     if folder is None:
                         chunks.append(images)
-                    else:
-                        _write_batch(folder, batch, images)
+                if in_flight is not None:
+                    in_flight, previous = None, in_flight
+                    previous.result()
+                if batch is not None and writer is not None:
+                    in_flight = writer.submit(_write_batch, folder, batch, to_uint8(images))
             except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised again
                 error = exc
             done = team.settle(error, 0 if batch is None else len(batch))
             bar.update(sum(done))
+        sampling_seconds = time.perf_counter() - sampling_started
+
+        error, what = None, ""
+        try:
+            if in_flight is not None:
+                in_flight, previous = None, in_flight
+                previous.result()
+            if folder is None:
+                what = _write_file(target, np.concatenate(chunks), seeds, args, device, dtype)
+        except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised again
+            error = exc
+        team.settle(error)
     finally:
         bar.close()
+        if writer is not None:
+            writer.shutdown(wait=True)
         if folder is not None:
             folder.close()
-    sampling_seconds = time.perf_counter() - sampling_started
-
-    error, what = None, ""
-    try:
-        if folder is None:
-            what = _write_file(target, np.concatenate(chunks), seeds, args, device, dtype)
-    except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised again
-        error = exc
-    team.settle(error)
     if team.rank == 0:
         if folder is not None:
             drawn, total = sum(pending_counts), len(seeds)
@@ -259,9 +272,9 @@ def _pixel_settings(
     }
 
 
-def _write_batch(folder: SampleFolder, batch: np.ndarray, images: np.ndarray) -> None:
+def _write_batch(folder: SampleFolder, batch: np.ndarray, pixels: np.ndarray) -> None:
     try:
-        folder.write(batch, to_uint8(images))
+        folder.write(batch, pixels)
     except OSError as exc:
         where = exc.filename or folder.root
         raise UsageError(

@@ -131,7 +131,7 @@ def test_resume_refuses_a_folder_it_did_not_make(tmp_path, capsys):
 @pytest.mark.slow
 def test_sigkill_then_resume_is_byte_identical(tmp_path):
     """A run killed part way, then resumed, leaves the same folder as one uninterrupted run (manifests included)."""
-    args = ["sample", "--steps", "20", "--seeds", "0-199", "--batch-size", "1"]
+    args = ["sample", "--steps", "10", "--seeds", "0-79", "--batch-size", "1"]
 
     def start(out, *extra):
         return subprocess.Popen(
@@ -154,11 +154,11 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     done = len(outputs.read_manifest(manifest))
-    assert 3 <= done < 200
+    assert 3 <= done < 80
     # What a kill in the middle of a write leaves: a torn manifest line and a temporary file.
     with open(manifest, "ab") as handle:
-        handle.write(b'{"file":"000000/000150.png","seed":15')
-    (killed / "000000" / f".000150.png.999999999-0000{outputs.TEMP_SUFFIX}").write_bytes(b"\x89PNG half")
+        handle.write(b'{"file":"000000/000070.png","seed":7')
+    (killed / "000000" / f".000070.png.999999999-0000{outputs.TEMP_SUFFIX}").write_bytes(b"\x89PNG half")
 
     resumed = start(killed, "--resume")
     reference = start(tmp_path / "reference")
@@ -166,7 +166,7 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
         _, err = run.communicate(timeout=600)
         assert run.returncode == 0, err
     assert folder_files(killed) == folder_files(tmp_path / "reference")
-    assert len(folder_files(killed)) == 200 + 2
+    assert len(folder_files(killed)) == 80 + 2
 
     other = subprocess.run(
         [sys.executable, "-m", "fastddim", *args, "--eta", "1", "--out", str(killed), "--resume"],

@@ -186,10 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return _run_sample(args)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # A rank of a torchrun job reports before the ranks tear down (see fastddim.sample_command).
+        if not getattr(exc, "reported", False):
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RankFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not getattr(exc, "reported", False):
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_OTHER_RANK_FAILED
     except SystemExit as exc:
         # --help and --version exit through argparse.

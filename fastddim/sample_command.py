@@ -31,6 +31,7 @@ from fastddim.cli import (
     make_grid,
     to_uint8,
 )
+from fastddim.distributed import RankFailed
 from fastddim.utils import first_line
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def _sample(
         job = _prepare(args, team, seeds, rank_seeds, target, device, dtype)
     except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised again
         error = exc
-    pending_counts = team.settle(error, None if job is None else len(job.pending))
+    pending_counts = _settle(team, error, None if job is None else len(job.pending))
     pipe, folder = job.pipe, job.folder
 
     error = None
@@ -110,7 +111,7 @@ def _sample(
             folder.open()
     except OSError as exc:
         error = UsageError(f"cannot write to {target.path}: {exc.strerror or first_line(exc)}")
-    team.settle(error)
+    _settle(team, error)
 
     batch_size = args.batch_size or min(DEFAULT_BATCH_SIZE, max(1, max(pending_counts)))
     if device.type == "cpu":
@@ -146,7 +147,7 @@ def _sample(
                     in_flight = writer.submit(_write_batch, folder, batch, to_uint8(images))
             except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised again
                 error = exc
-            done = team.settle(error, 0 if batch is None else len(batch))
+            done = _settle(team, error, 0 if batch is None else len(batch))
             bar.update(sum(done))
         sampling_seconds = time.perf_counter() - sampling_started
 
@@ -159,7 +160,7 @@ def _sample(
                 what = _write_file(target, np.concatenate(chunks), seeds, args, device, dtype)
         except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised again
             error = exc
-        team.settle(error)
+        _settle(team, error)
     finally:
         bar.close()
         if writer is not None:
@@ -178,6 +179,24 @@ def _sample(
             f"sampling {sampling_seconds:.2f} s)"
         )
     return 0
+
+
+def _settle(team: Team, error: BaseException | None, payload: Any = None) -> list[Any]:
+    """`Team.settle`, reporting this rank's failure first: torchrun stops the other ranks as soon as one exits, so a
+    message printed after the teardown could be cut off."""
+    if team.distributed and isinstance(error, UsageError):
+        _report(error)
+    try:
+        return team.settle(error, payload)
+    except RankFailed as exc:
+        if team.distributed:
+            _report(exc)
+        raise
+
+
+def _report(error: Exception) -> None:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    error.reported = True
 
 
 @dataclasses.dataclass

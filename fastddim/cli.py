@@ -165,6 +165,29 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"under torchrun, how long a rank waits for the others before the job fails (default: {DEFAULT_TIMEOUT_S:g})",
     )
 
+    interpolate = commands.add_parser(
+        "interpolate",
+        help="a PNG strip of images between two seeds (spherical interpolation of x_T, DDIM section 5.3)",
+        description="Sample frames along the great circle between the initial noise of two seeds (drawn as "
+        "`fastddim sample --seeds` draws it) with the deterministic sampler (eta 0), and write them as one strip.",
+    )
+    interpolate.add_argument(
+        "--seeds", nargs=2, type=_non_negative_int, required=True, metavar=("A", "B"), help="the two seeds"
+    )
+    interpolate.add_argument("--frames", type=_positive_int, default=9, help="frames, both ends included (default: 9)")
+    interpolate.add_argument("--model", metavar="DIR", help="as for sample (default: the embedded digits model)")
+    interpolate.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
+    interpolate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    interpolate.add_argument("--dtype", choices=DTYPES, help="UNet dtype (default: float32 on cpu, float16 on cuda)")
+    interpolate.add_argument("--no-cuda-graph", action="store_true", help="run the loop eagerly on CUDA")
+    interpolate.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: 1)")
+    interpolate.add_argument(
+        "--scale", type=_positive_int, help=f"nearest-neighbour upscaling of the strip (default: {GRID_SCALE})"
+    )
+    interpolate.add_argument(
+        "--out", default="interpolation.png", help="the strip's image path (default: interpolation.png)"
+    )
+
     commands.add_parser("bench", help="run the fastddim benchmarks (fastddim bench --help)", add_help=False)
     return parser
 
@@ -184,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "bench":
             return _run_bench(argv[1:])
         args = build_parser().parse_args(argv)
+        if args.command == "interpolate":
+            from fastddim.interpolate_command import run
+
+            return run(args)
         return _run_sample(args)
     except UsageError as exc:
         # A rank of a torchrun job reports before the ranks tear down (see fastddim.sample_command).
@@ -215,9 +242,11 @@ def _run_sample(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def grid_size(count: int, height: int, width: int, scale: int = GRID_SCALE, padding: int = 1) -> tuple[int, int]:
+def grid_size(
+    count: int, height: int, width: int, scale: int = GRID_SCALE, padding: int = 1, columns: int | None = None
+) -> tuple[int, int]:
     """The (width, height) in pixels of `make_grid`'s grid of ``count`` images of ``height`` x ``width``."""
-    cols = math.ceil(math.sqrt(count))
+    cols = columns or math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)
     return (cols * width + (cols - 1) * padding) * scale, (rows * height + (rows - 1) * padding) * scale
 
@@ -227,13 +256,16 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
-def make_grid(images: np.ndarray, scale: int = GRID_SCALE, padding: int = 1) -> PIL.Image.Image:
+def make_grid(
+    images: np.ndarray, scale: int = GRID_SCALE, padding: int = 1, columns: int | None = None
+) -> PIL.Image.Image:
     """Tiles NHWC images in [0, 1] into a near-square grid, upscaled with nearest neighbour.
 
     Args:
         images (`np.ndarray`): N x H x W x C floats in [0, 1], C = 1 (grayscale) or 3 (RGB).
         scale (`int`, *optional*, defaults to 8): the upscaling factor, so 8x8 digits are visible.
         padding (`int`, *optional*, defaults to 1): gray gap between tiles, in image pixels (before scaling).
+        columns (`int`, *optional*): images per row; a near-square grid if None (``columns=len(images)``: a strip).
 
     Returns:
         `PIL.Image.Image`: mode ``L`` for one channel, ``RGB`` for three.
@@ -243,7 +275,7 @@ def make_grid(images: np.ndarray, scale: int = GRID_SCALE, padding: int = 1) -> 
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"images must be N x H x W x C with C in (1, 3), got shape {images.shape}")
     count, height, width, channels = images.shape
-    cols = math.ceil(math.sqrt(count))
+    cols = columns or math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)
     pixels = to_uint8(images)
     grid = np.full(

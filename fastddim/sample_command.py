@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     seeds = _seed_list(args)
     target = _output_target(args)
     torchrun = distributed.launched_by_torchrun()
-    device = _resolve_device(args.device, torchrun)
+    device = resolve_device(args.device, torchrun)
     try:
         team = distributed.join(device.type, args.dist_timeout)
     except (ValueError, RuntimeError) as exc:
@@ -373,7 +373,7 @@ def _seed_list(args: argparse.Namespace) -> np.ndarray:
     return np.arange(first, first + count, dtype=np.int64)
 
 
-def _resolve_device(name: str | None, torchrun: bool = False) -> torch.device:
+def resolve_device(name: str | None, torchrun: bool = False) -> torch.device:
     """The device to sample on; under torchrun only its type counts (each rank takes cuda:LOCAL_RANK)."""
     import torch
 

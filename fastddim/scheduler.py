@@ -7,9 +7,14 @@ and outputs, and replaces ``set_timesteps`` and ``step``:
   of indexing ``alphas_cumprod`` and branching on the previous timestep, so it never synchronizes with the host and a
   step can be captured in a CUDA graph. On CUDA tensors it is one Triton launch (two with dynamic thresholding).
 - On CPU tensors it runs the PyTorch twin (``fastddim/reference.py``): same numbers, fewer passes.
-- Where diffusers returns NaN or crashes on a valid configuration (eta > 0 with a zero terminal SNR; thresholding of
-  2-D samples; the trailing spacing that yields N + 1 timesteps ending in -1 for some N), it returns the
-  mathematically intended finite result.
+- Where diffusers returns NaN or crashes on a valid configuration (eta > 0 with a zero terminal SNR; eta > 1;
+  thresholding of 2-D samples; the trailing spacing that yields N + 1 timesteps ending in -1 for some N), it returns
+  the mathematically intended finite result.
+- Beyond diffusers (opt-in): per-sample timesteps (a (B,) ``timestep`` tensor), custom schedules
+  (``set_timesteps(timesteps=...)``), the DDIM paper's quadratic skip (``timestep_spacing="quad"``) and previous
+  timesteps taken from the schedule (``prev_timestep_from_schedule``, see ``fastddim/schedules.py``). The step is
+  differentiable on every backend (``fastddim/autograd.py``). The step dispatch both this and
+  ``fastddim.DDIMInverseScheduler`` use is ``fastddim/stepping.py``.
 """
 
 import collections

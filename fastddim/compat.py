@@ -1,7 +1,5 @@
 """Private or version-specific APIs of torch, Triton and diffusers, each behind one small function."""
 
-import torch
-
 # ---------------------------------------------------------------------------------------------- scheduler (issue 11)
 
 
@@ -11,6 +9,5 @@ def tensor_version(tensor: object) -> int | None:
     The schedulers compare it to notice ``scheduler.alphas_cumprod`` changed in place. None for non-tensors (and
     should torch ever drop the attribute, which would make in-place changes go unnoticed, not break anything).
     """
-    if not isinstance(tensor, torch.Tensor):
-        return None
+    # Called on every step: one getattr (non-tensors have no such attribute).
     return getattr(tensor, "_version", None)

@@ -391,7 +391,7 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                 f"dynamic thresholding needs a batch dimension: sample must have rank >= 2, got {sample.dim()}"
             )
         backend = self._backend_for(sample)
-        timestep_int, timestep_tensor, promote = self._resolve_timestep(timestep, sample)
+        timestep_int, timestep_tensor, promote = resolve_timestep(timestep, sample, self._check_timestep_range)
         out_dtype = torch.float32 if promote and sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
         noise = step_noise(eta, generator, variance_noise, model_output)
         prev_sample, pred_original = run_step(
@@ -424,7 +424,8 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         return resolve_timestep(timestep, sample, self._check_timestep_range)
 
     def _check_timestep_range(self, timestep: int) -> int:
-        self._follow_alphas()
+        # T of the tables' source as of the last table lookup (step looks the table up after this check, and
+        # rebuilds it there if alphas_cumprod was replaced): one alphas check per step, not two.
         num_train_timesteps = self._alphas_cpu[0].shape[0]
         if not 0 <= timestep < num_train_timesteps:
             raise ValueError(f"timestep must be in [0, {num_train_timesteps}), got {timestep}")

@@ -51,17 +51,16 @@ def backend_for(sample: torch.Tensor) -> str:
             raise ValueError(
                 f"{BACKEND_ENV_VAR}=triton supports sample dtypes {ops.TRITON_DTYPES}, got {sample.dtype}"
             )
-        if not sample.is_cuda:
-            if ops.interpreting() and not ops.KERNELS_INTERPRETED:
+        if not sample.is_cuda and not ops.KERNELS_INTERPRETED:
+            if ops.interpreting():
                 raise RuntimeError(
                     "TRITON_INTERPRET=1 was set after fastddim was imported: Triton reads it when fastddim's kernels"
                     " are defined, so set TRITON_INTERPRET=1 before importing fastddim (or use CUDA tensors)"
                 )
-            if not ops.KERNELS_INTERPRETED:
-                raise RuntimeError(
-                    f"{BACKEND_ENV_VAR}=triton on {sample.device.type} tensors needs Triton's interpreter: set "
-                    "TRITON_INTERPRET=1 before importing fastddim (or use CUDA tensors)"
-                )
+            raise RuntimeError(
+                f"{BACKEND_ENV_VAR}=triton on {sample.device.type} tensors needs Triton's interpreter: set "
+                "TRITON_INTERPRET=1 before importing fastddim (or use CUDA tensors)"
+            )
     return backend
 
 

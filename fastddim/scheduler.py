@@ -233,7 +233,7 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         eager step) before capture. Tables follow ``alphas_cumprod`` and ``final_alpha_cumprod``: assigning either
         (or changing it in place) rebuilds them at the next step, reading the new values once (a host sync if they
         are on a GPU); ``add_noise``/``get_velocity`` moving them to the samples' device changes no value and
-        rebuilds nothing.
+        rebuilds nothing. A CUDA graph captured before such a change keeps reading the table it captured.
         """
         if self.num_inference_steps is None:
             raise ValueError(

@@ -341,9 +341,10 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                 one-element integer tensor; or an integer tensor of shape (B,), one timestep per batch entry, which
                 steps each sample from its own timestep in one launch, equal bit for bit to stepping each alone.
                 A tensor on the samples' CUDA device is read by the kernel (no host sync; an out-of-range value
-                there yields NaN outputs for its samples instead of an exception). Output dtypes: a one-element
-                1-D timestep promotes fp16/bf16 results to fp32 as diffusers does; a (B,) timestep with B > 1
-                (which diffusers cannot step) keeps the sample's dtype.
+                there yields NaN outputs for its samples instead of an exception); a (B,) CPU tensor is checked on
+                the host and copied to the device, so inside a captured CUDA graph pass per-sample timesteps on the
+                samples' device. Output dtypes: a one-element 1-D timestep promotes fp16/bf16 results to fp32 as
+                diffusers does; a (B,) timestep with B > 1 (which diffusers cannot step) keeps the sample's dtype.
             sample (`torch.Tensor`): x_t, with the batch in dim 0.
             eta (`float`, defaults to 0.0): noise weight, >= 0; 0 is DDIM, 1 is DDPM-like. Above 1, where
                 diffusers returns NaN (1 - alpha_prev - sigma^2 < 0), the direction term is taken as 0 and a

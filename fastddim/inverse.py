@@ -158,6 +158,9 @@ class DDIMInverseScheduler(_DiffusersDDIMInverseScheduler):
         """Rebuilds the tables' CPU source when ``alphas_cumprod`` or ``initial_alpha_cumprod`` changed (by
         assignment or in place; see ``fastddim.DDIMScheduler.coefficient_table``)."""
         state = self._alphas_state
+        if state is not None and torch.compiler.is_compiling():
+            # Traced steps read the tables as built eagerly (Dynamo would make the version counters graph inputs).
+            return
         alphas, initial = self.alphas_cumprod, self.initial_alpha_cumprod
         if (
             state is not None

@@ -273,6 +273,9 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
     def _follow_alphas(self) -> None:
         """Rebuilds the CPU copies the tables come from when ``alphas_cumprod`` or ``final_alpha_cumprod`` changed."""
         state = self._alphas_state
+        if state is not None and torch.compiler.is_compiling():
+            # Traced steps read the tables as built eagerly (Dynamo would make the version counters graph inputs).
+            return
         alphas, final = self.alphas_cumprod, self.final_alpha_cumprod
         if (
             state is not None

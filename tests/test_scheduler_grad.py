@@ -262,3 +262,21 @@ def test_backward_kernel_on_cuda_matches_diffusers(config):
     theirs = _grads(theirs_scheduler, model_output, 901, sample, weights, False)
     for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_compiled_twin_step_is_differentiable(monkeypatch):
+    """torch.compile(fullgraph=True) traces the PyTorch backend's step (the scheduler's alphas bookkeeping stays out
+    of the graph) and its gradients equal eager ones. Dynamo's ``eager`` backend: no C++ compiler on CI."""
+    monkeypatch.setenv("FASTDDIM_BACKEND", "torch")
+    scheduler = DDIMScheduler(prediction_type="v_prediction")
+    scheduler.set_timesteps(10)
+    model_output, sample = _leaves((2, 3, 4), "cpu")
+
+    def step(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return scheduler.step(m, 901, x, return_dict=False)[0]
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    ours = torch.autograd.grad(compiled(model_output, sample).sum(), (model_output, sample))
+    eager = torch.autograd.grad(step(model_output, sample).sum(), (model_output, sample))
+    for a, b in zip(ours, eager, strict=True):
+        assert torch.equal(a, b)

@@ -184,7 +184,11 @@ class SampleFolder:
     # ------------------------------------------------------------------------------------------------ while sampling
 
     def open(self) -> None:
-        """Opens this rank's manifest for appending (cutting off a line a killed run left torn)."""
+        """Opens this rank's manifest for appending (cutting off a line a killed run left torn).
+
+        Called by every rank right after one rank's `prepare`, perhaps before it created the folder.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
         self._manifest = outputs.ManifestWriter(outputs.manifest_path(self.root, self.rank))
 
     def write(self, seeds: np.ndarray, pixels: np.ndarray) -> None:

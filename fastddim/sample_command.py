@@ -549,16 +549,18 @@ def _save_npz(
     device: torch.device,
     dtype: torch.dtype,
 ) -> None:
-    np.savez(
-        handle,
-        images=images,
-        seeds=seeds.astype(np.int64),
-        seed=np.int64(seeds[0]),
-        steps=np.int64(args.steps),
-        eta=np.float64(args.eta),
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-    )
+    from fastddim import outputs
+
+    arrays = {
+        "images": images,
+        "seeds": seeds.astype(np.int64),
+        "seed": np.int64(seeds[0]),
+        "steps": np.int64(args.steps),
+        "eta": np.float64(args.eta),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    outputs.write_npz(handle, arrays)
 
 
 def _shape_text(images: np.ndarray) -> str:

@@ -133,7 +133,7 @@ class SampleFolder:
         """The seeds of ``seeds`` the folder does not hold yet (checked against their files' hashes), in order."""
         if not self._entries:
             return seeds
-        shards: dict[str, np.lib.npyio.NpzFile | None] = {}
+        shards: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         keep = [
             not any(self._holds(int(seed), entry, shards) for entry in self._entries.get(int(seed), ()))
             for seed in seeds
@@ -149,6 +149,8 @@ class SampleFolder:
         if not isinstance(name, str) or "/" in name or "\\" in name or not name.endswith(".npz"):
             return False
         if name not in shards:
+            # One shard in memory at a time: a rank's seeds come shard after shard, and shards can be large.
+            shards.clear()
             shards[name] = self._load_shard(self.root / name)
         shard = shards[name]
         index = entry.get("index")
@@ -182,7 +184,11 @@ class SampleFolder:
     # ------------------------------------------------------------------------------------------------ while sampling
 
     def open(self) -> None:
-        """Opens this rank's manifest for appending (cutting off a line a killed run left torn)."""
+        """Opens this rank's manifest for appending (cutting off a line a killed run left torn).
+
+        Called by every rank right after one rank's `prepare`, perhaps before it created the folder.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
         self._manifest = outputs.ManifestWriter(outputs.manifest_path(self.root, self.rank))
 
     def write(self, seeds: np.ndarray, pixels: np.ndarray) -> None:
@@ -220,7 +226,7 @@ class SampleFolder:
             name = f"samples-{int(seeds[0]):06d}-r{self.rank}.npz"
             try:
                 with outputs.atomic_write(self.root / name) as handle:
-                    np.savez(handle, images=pixels, seeds=seeds.astype(np.int64))
+                    outputs.write_npz(handle, {"images": pixels, "seeds": seeds.astype(np.int64)})
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, str(self.root / name)) from None
             for index, (seed, image) in enumerate(zip(seeds.tolist(), pixels, strict=True)):

@@ -104,14 +104,20 @@ def test_a_rank_that_fails_mid_run_stops_the_job(tmp_path):
     assert "fastddim/" not in result.stderr
 
 
+HANG_TIMEOUT_S = 8
+
+
 def _exchange_after(rank: int, world_size: int, port: int, behaviour: str, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     os.environ["LOCAL_RANK"] = str(rank)
-    team = distributed.join("cpu", timeout_s=30)
+    team = distributed.join("cpu", timeout_s=HANG_TIMEOUT_S if behaviour == "hangs" else 30)
     started = time.monotonic()
     try:
         if rank == 1 and behaviour == "dies":
             os._exit(3)
+        if rank == 1 and behaviour == "hangs":
+            time.sleep(3 * HANG_TIMEOUT_S)
+            os._exit(0)
         error = RuntimeError("out of memory") if rank == 1 and behaviour == "raises" else None
         team.settle(error, rank)
         results.put((rank, "ok", ""))
@@ -122,7 +128,7 @@ def _exchange_after(rank: int, world_size: int, port: int, behaviour: str, resul
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("behaviour", ["raises", "dies"])
+@pytest.mark.parametrize("behaviour", ["raises", "dies", "hangs"])
 def test_team_reports_a_failed_rank_on_the_others(behaviour):
     context = torch.multiprocessing.get_context("spawn")
     results = context.Queue()
@@ -144,8 +150,9 @@ def test_team_reports_a_failed_rank_on_the_others(behaviour):
         assert reports[1][0] == "RuntimeError"
     else:
         assert "lost contact" in reports[0][1]
-        # Well inside the 30 s timeout: a dead peer's connection closes at once.
-        assert float(reports[0][1].rsplit(" after ", 1)[1].split()[0]) < 25
+        waited = float(reports[0][1].rsplit(" after ", 1)[1].split()[0])
+        # A dead peer's connection closes at once (well inside the 30 s timeout); a hung one costs the timeout.
+        assert waited < (25 if behaviour == "dies" else 2 * HANG_TIMEOUT_S + 5)
 
 
 def test_team_of_one_outside_torchrun(monkeypatch):

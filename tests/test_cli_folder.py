@@ -99,6 +99,30 @@ def test_resume_redraws_only_what_is_missing_or_changed(tmp_path, monkeypatch):
     assert [entry["seed"] for entry in entries] == [0, 1, 2, 3, 4, 5, 1, 4]
 
 
+def test_npz_resume_redraws_a_lost_shard(tmp_path, monkeypatch):
+    out = tmp_path / "npz"
+    args = ["sample", "--steps", "2", "--seeds", "0-5", "--batch-size", "2", "--format", "npz", "--out", str(out)]
+    assert cli.main(args) == 0
+    complete = folder_files(out)
+    (out / "samples-000002-r0.npz").unlink()
+
+    import fastddim
+
+    drawn = []
+    real_call = fastddim.DDIMPipeline.__call__
+
+    def recording_call(self, *call_args, **kwargs):
+        drawn.extend(kwargs["seeds"])
+        return real_call(self, *call_args, **kwargs)
+
+    monkeypatch.setattr(fastddim.DDIMPipeline, "__call__", recording_call)
+    assert cli.main([*args, "--resume"]) == 0
+    assert drawn == [2, 3]
+    resumed = folder_files(out)
+    assert resumed["samples-000002-r0.npz"] == complete["samples-000002-r0.npz"]
+    assert [entry["seed"] for entry in outputs.read_manifest(out / "manifest-0.jsonl")] == [0, 1, 2, 3, 4, 5, 2, 3]
+
+
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [(["--eta", "0.5"], "differing: eta"), (["--steps", "3"], "differing: steps"), (["--format", "npz"], "format")],

@@ -112,3 +112,16 @@ def test_manifest_that_is_one_torn_line(tmp_path):
 
 def test_missing_manifest_reads_empty(tmp_path):
     assert outputs.read_manifest(tmp_path / "manifest-0.jsonl") == []
+
+
+def test_write_npz_is_reproducible_and_loads(tmp_path):
+    import numpy as np
+
+    arrays = {"images": np.arange(24, dtype=np.uint8).reshape(2, 3, 4, 1), "seeds": np.array([5, 9]), "name": "cpu"}
+    for name in ("a.npz", "b.npz"):
+        with outputs.atomic_write(tmp_path / name) as handle:
+            outputs.write_npz(handle, arrays)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    with np.load(tmp_path / "a.npz") as data:
+        np.testing.assert_array_equal(data["images"], arrays["images"])
+        assert data["seeds"].tolist() == [5, 9] and str(data["name"]) == "cpu"

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--only", choices=("all", "step", "loop", "reconstruction"), default="all", help="which benchmark to run"
+        "--only", choices=("all", "step", "loop", "sd", "reconstruction"), default="all", help="which benchmark to run"
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile implementations")
     parser.add_argument(
@@ -72,7 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"skip torch.compile cases that would start after this many seconds (default: {DEFAULT_BUDGET_S:.0f})",
     )
     parser.add_argument(
-        "--steps", type=_positive_int, default=None, help=f"inference steps per loop (default: {NUM_INFERENCE_STEPS})"
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help=f"inference steps per loop (default: {NUM_INFERENCE_STEPS}; text-to-image cases: 30 and 50)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")

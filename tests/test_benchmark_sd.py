@@ -168,6 +168,16 @@ def test_sd_plan_order_and_filters():
     assert tiny.sd_impls == ("diffusers", "fastddim-eager", "unet-limit")
     assert {case.num_inference_steps for case in tiny.sd_cases} == {3}
     assert runner.make_plan(_parse(["--only", "loop"]), cuda).sd_cases == []
+    picked = runner.make_plan(_parse(["--only", "sd", "--sd-cases", "sdxl|fp32"]), cuda).sd_cases
+    assert picked == [SDCase("sdxl", 1, torch.float16, 30), SDCase("sd15", 1, torch.float32, 30)]
+    assert [c.batch_size for c in runner.make_plan(_parse(["--sd-cases", "sd15 .* fp16"]), cuda).sd_cases] == [
+        1,
+        1,
+        4,
+        4,
+    ]
+    with pytest.raises(SystemExit):
+        _parse(["--sd-cases", "("])
 
 
 def test_compiled_sd_cases_past_the_budget_are_skipped(tmp_path):

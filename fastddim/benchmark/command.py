@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -52,6 +53,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _regex(text: str) -> re.Pattern:
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {text!r} ({exc})") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``fastddim bench``'s options to ``parser``."""
     parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"output folder (default: {DEFAULT_OUT}/)")
@@ -76,6 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=None,
         help=f"inference steps per loop (default: {NUM_INFERENCE_STEPS}; text-to-image cases: 30 and 50)",
+    )
+    parser.add_argument(
+        "--sd-cases",
+        type=_regex,
+        default=None,
+        metavar="REGEX",
+        help="run only the text-to-image cases whose label (e.g. 'sd15 batch=1 fp16 steps=30 cfg=7.5') matches REGEX",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")

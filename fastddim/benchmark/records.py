@@ -200,7 +200,8 @@ METHODOLOGY = {
     "output_type='latent', no text encoder or VAE in the pipeline, fixed seed-0 latents and embeddings, eta 0, "
     "guidance 7.5) with a synchronize after it; the first call is checked against diffusers eager's latents "
     "(relative L2 error <= 2e-2 in fp16, 1e-3 in fp32) and gives capture_s = first call - median call; then warm-up "
-    "(one call for torch.compile cases) and settings.sd_rounds timed calls; peak memory as for loop",
+    "(one call for torch.compile cases) and settings.sd_rounds timed calls; peak memory as for loop (the UNet's "
+    "weights included); diffusers eager's first call is the reference",
 }
 
 

@@ -73,6 +73,8 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         plan.num_inference_steps = args.steps
         steps_cases = (dataclasses.replace(case, num_inference_steps=args.steps) for case in plan.sd_cases)
         plan.sd_cases = list(dict.fromkeys(steps_cases))
+    if getattr(args, "sd_cases", None) is not None:
+        plan.sd_cases = [case for case in plan.sd_cases if args.sd_cases.search(case.label)]
     plan.budget_s = args.budget_s
     return plan
 

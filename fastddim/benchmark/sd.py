@@ -367,7 +367,10 @@ def run_sd_impl(case: SDCase, impl: str, device: torch.device, plan: Plan) -> di
         reference = None if impl == "diffusers" else reference_latents(case, device)
         loop = implementation.build(family, unet)
         arguments = call_arguments(case, inputs)
-        _time_sd_loop(record, loop, arguments, reference, implementation, device, plan)
+        first_latents = _time_sd_loop(record, loop, arguments, reference, implementation, device, plan)
+        if impl == "diffusers":
+            # diffusers eager's first call is the reference of this configuration's other implementations.
+            _reference_cache.put((case, device), first_latents)
     except Exception as exc:  # (one failing implementation must not end the run)
         record["error"] = error_text(exc)
     finally:
@@ -384,7 +387,8 @@ def _time_sd_loop(
     implementation: Implementation,
     device: torch.device,
     plan: Plan,
-) -> None:
+) -> torch.Tensor:
+    """Checks the first call against ``reference`` (when given), times the others; returns the first call's latents."""
     steps, batch_size = arguments["num_inference_steps"], arguments["latents"].shape[0]
     skips_before = compat.cudagraph_skip_count()
     if device.type == "cuda":
@@ -395,6 +399,8 @@ def _time_sd_loop(
         first_s, latents = _timed_call(loop, arguments, device)
         if reference is not None:
             record["check"] = check_latents(latents, reference, arguments["latents"].dtype)
+        # A captured loop's output is a static buffer that the next replay overwrites.
+        first_latents = latents.detach().clone()
         del latents
         for _ in range(plan.sd_warmup + (1 if implementation.compiles else 0)):
             loop(arguments)
@@ -415,6 +421,7 @@ def _time_sd_loop(
         record["capture_s"] = first_s - median_s
     if device.type == "cuda":
         record["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return first_latents
 
 
 def _timed_call(loop: SDLoopFn, arguments: dict[str, Any], device: torch.device) -> tuple[float, torch.Tensor]:

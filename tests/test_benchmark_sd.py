@@ -64,12 +64,15 @@ def test_tiny_sd_run_checks_times_and_tabulates(tmp_path):
     )
 
 
-@pytest.mark.parametrize("impl", ["fastddim-graph", "fastddim-graph-compiled"])
-def test_sd_graph_impls_on_stand_in_graphs(monkeypatch, stand_in_graphs, impl):
+@pytest.mark.parametrize(
+    ("model", "impl"),
+    [("tiny-sd", "fastddim-graph"), ("tiny-sd", "fastddim-graph-compiled"), ("tiny-sdxl", "fastddim-graph")],
+)
+def test_sd_graph_impls_on_stand_in_graphs(monkeypatch, stand_in_graphs, model, impl):
     """The captured text-to-image loops through the harness on the CPU stand-in for capture (tests/conftest.py),
     torch.compile on its ``eager`` backend: one capture, diffusers' latents, no eager fallback, a capture time."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    record = sd.run_sd_impl(SDCase("tiny-sd", 1, torch.float32, 2), impl, CPU, _tiny_plan())
+    record = sd.run_sd_impl(SDCase(model, 1, torch.float32, 2), impl, CPU, _tiny_plan())
     assert record["error"] is None and record["skipped"] is None, record["error"]
     assert record["check"]["passed"] and record["check"]["rel_l2_err"] < 1e-6, record["check"]
     assert record["capture_s"] is not None and record["images_per_s"] > 0

@@ -78,9 +78,14 @@ def test_tiny_run_writes_results_table_and_plots(tmp_path, capsys):
     assert diffusers_loop["error"] is None, diffusers_loop["error"]
     assert diffusers_loop["images_per_s"] > 0 and diffusers_loop["ms_per_step"] > 0
     assert 0 < diffusers_loop["scheduler_share"] < 1
+    # The limit row of the same case: N x one UNet call alone; the loop's time over it.
+    limit_row = next(r for r in loops if r["impl"] == "unet-limit" and r["batch_size"] == 1)
+    assert limit_row["vs_limit"] == 1.0 and limit_row["check"] is None
+    assert diffusers_loop["vs_limit"] == pytest.approx(diffusers_loop["median_us"] / limit_row["median_us"])
 
     table = (out / "results.md").read_text()
     assert "| fastddim |" in table and "## Loop" in table and "need a CUDA GPU" in table
+    assert "| ÷ limit |" in table and "| unet-limit |" in table and "## Text-to-image loop" in table
     plots = ("step_us_vs_size.png", "step_latency_vs_size.png", "loop_images_per_s.png")
     for name in plots:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,7 @@ scale follows ``torch.quantile``'s gradient (``fastddim.stepping.run_step``).
 import torch
 import triton
 
-from fastddim import ops
+from fastddim import compat, ops
 from fastddim.kernels.ddim_step_backward import ddim_step_backward_kernel
 from fastddim.utils import BoundedCache
 
@@ -91,8 +91,8 @@ def launch_ddim_step_backward(
     if launchers is None:
         launchers = {}
         BACKWARD_LAUNCHERS.put(key, launchers)
-    constexprs = ops.constexpr_values(ddim_step_backward_kernel, meta)
-    ops.launch(ddim_step_backward_kernel, grid, tensors, scalars, meta, constexprs, launchers, traceable)
+    constexprs = compat.constexpr_values(ddim_step_backward_kernel, meta)
+    compat.launch(ddim_step_backward_kernel, grid, tensors, scalars, meta, constexprs, launchers, traceable)
     return grad_model_output, grad_sample
 
 

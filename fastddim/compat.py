@@ -355,8 +355,7 @@ def tensor_version(tensor: object) -> int | None:
     None for non-tensors (and, should torch ever drop the attribute, in-place changes would go unnoticed rather than
     break anything).
     """
-    if not isinstance(tensor, torch.Tensor):
-        return None
+    # Called on every step: one getattr (non-tensors have no such attribute).
     return getattr(tensor, "_version", None)
 
 

@@ -112,6 +112,7 @@ class DDIMInverseScheduler(_DiffusersDDIMInverseScheduler):
         self._alphas_cpu: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(()))
         self._alphas_state: tuple | None = None
         self._coef_tables: BoundedCache[tuple, torch.Tensor] = BoundedCache(16)
+        self._last_coef_table: tuple | None = None
         self._follow_alphas()
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
@@ -143,6 +144,9 @@ class DDIMInverseScheduler(_DiffusersDDIMInverseScheduler):
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
         self._follow_alphas()
+        last = self._last_coef_table
+        if last is not None and last[0] == device and last[1] == self.num_inference_steps:
+            return last[2]  # a loop's common case: the previous step's table
         device = normalize_device(device)
         key = (self.num_inference_steps, device)
         table = self._coef_tables.get(key)
@@ -152,12 +156,16 @@ class DDIMInverseScheduler(_DiffusersDDIMInverseScheduler):
                 alphas_cumprod, initial_alpha_cumprod, self.num_inference_steps
             ).to(device)
             self._coef_tables.put(key, table)
+        self._last_coef_table = (device, self.num_inference_steps, table)
         return table
 
     def _follow_alphas(self) -> None:
         """Rebuilds the tables' CPU source when ``alphas_cumprod`` or ``initial_alpha_cumprod`` changed (by
         assignment or in place; see ``fastddim.DDIMScheduler.coefficient_table``)."""
         state = self._alphas_state
+        if state is not None and torch.compiler.is_compiling():
+            # Traced steps read the tables as built eagerly (Dynamo would make the version counters graph inputs).
+            return
         alphas, initial = self.alphas_cumprod, self.initial_alpha_cumprod
         if (
             state is not None
@@ -174,6 +182,7 @@ class DDIMInverseScheduler(_DiffusersDDIMInverseScheduler):
         )
         self._alphas_state = (alphas, tensor_version(alphas), initial, tensor_version(initial))
         self._coef_tables.clear()
+        self._last_coef_table = None
 
     def step(
         self,

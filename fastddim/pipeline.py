@@ -29,6 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from fastddim import graphs
 from fastddim.graphs import DEFAULT_CUDA_GRAPH_CACHE_SIZE, CudaGraphCacheInfo, CudaGraphCacheMixin, StepInput
 from fastddim.scheduler import DDIMScheduler, selected_backend
+from fastddim.seeds import seed_generators
 from fastddim.utils import normalize_device
 
 logger = logging.get_logger(__name__)
@@ -79,6 +80,7 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
         return_dict: bool = True,
         cuda_graph: bool | None = None,
         latents: torch.Tensor | None = None,
+        seeds: list[int] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generates images.
 
@@ -97,12 +99,23 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
             latents (`torch.Tensor`, *optional*): the initial noise x_T, (B, C, H, W) as the UNet takes it (e.g. from
                 `invert`), instead of drawing it; B sets the batch size (``batch_size`` must then be 1 or B). A
                 ``generator`` then draws only the step noises (eta > 0). The tensor is not modified.
+            seeds (`list[int]`, *optional*): one image per seed, each drawn from its own CPU generator seeded with it
+                (initial and step noise), so an image depends on its seed only, not on the batch it is drawn in (up
+                to the UNet's batch-size rounding). Sets the batch size (``batch_size`` must be 1 or
+                ``len(seeds)``); not with ``generator``. See `fastddim.seeds`.
 
         Returns:
             `ImagePipelineOutput` or `tuple`: the images, or a 1-tuple holding them.
         """
         if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
             raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
+        if seeds is not None:
+            if generator is not None:
+                raise ValueError("pass either generator or seeds, not both")
+            generator = seed_generators(seeds)
+            if batch_size not in (1, len(generator)):
+                raise ValueError(f"batch_size must be 1 or len(seeds) = {len(generator)} with seeds, got {batch_size}")
+            batch_size = len(generator)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not isinstance(eta, numbers.Real) or isinstance(eta, bool) or not eta >= 0:

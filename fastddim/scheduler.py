@@ -7,9 +7,14 @@ and outputs, and replaces ``set_timesteps`` and ``step``:
   of indexing ``alphas_cumprod`` and branching on the previous timestep, so it never synchronizes with the host and a
   step can be captured in a CUDA graph. On CUDA tensors it is one Triton launch (two with dynamic thresholding).
 - On CPU tensors it runs the PyTorch twin (``fastddim/reference.py``): same numbers, fewer passes.
-- Where diffusers returns NaN or crashes on a valid configuration (eta > 0 with a zero terminal SNR; thresholding of
-  2-D samples; the trailing spacing that yields N + 1 timesteps ending in -1 for some N), it returns the
-  mathematically intended finite result.
+- Where diffusers returns NaN or crashes on a valid configuration (eta > 0 with a zero terminal SNR; eta > 1;
+  thresholding of 2-D samples; the trailing spacing that yields N + 1 timesteps ending in -1 for some N), it returns
+  the mathematically intended finite result.
+- Beyond diffusers (opt-in): per-sample timesteps (a (B,) ``timestep`` tensor), custom schedules
+  (``set_timesteps(timesteps=...)``), the DDIM paper's quadratic skip (``timestep_spacing="quad"``) and previous
+  timesteps taken from the schedule (``prev_timestep_from_schedule``, see ``fastddim/schedules.py``). The step is
+  differentiable on every backend (``fastddim/autograd.py``). The step dispatch both this and
+  ``fastddim.DDIMInverseScheduler`` use is ``fastddim/stepping.py``.
 """
 
 import warnings
@@ -226,7 +231,7 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         eager step) before capture. Tables follow ``alphas_cumprod`` and ``final_alpha_cumprod``: assigning either
         (or changing it in place) rebuilds them at the next step, reading the new values once (a host sync if they
         are on a GPU); ``add_noise``/``get_velocity`` moving them to the samples' device changes no value and
-        rebuilds nothing.
+        rebuilds nothing. A CUDA graph captured before such a change keeps reading the table it captured.
         """
         if self.num_inference_steps is None:
             raise ValueError(
@@ -266,6 +271,9 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
     def _follow_alphas(self) -> None:
         """Rebuilds the CPU copies the tables come from when ``alphas_cumprod`` or ``final_alpha_cumprod`` changed."""
         state = self._alphas_state
+        if state is not None and torch.compiler.is_compiling():
+            # Traced steps read the tables as built eagerly (Dynamo would make the version counters graph inputs).
+            return
         alphas, final = self.alphas_cumprod, self.final_alpha_cumprod
         if (
             state is not None
@@ -334,9 +342,10 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                 one-element integer tensor; or an integer tensor of shape (B,), one timestep per batch entry, which
                 steps each sample from its own timestep in one launch, equal bit for bit to stepping each alone.
                 A tensor on the samples' CUDA device is read by the kernel (no host sync; an out-of-range value
-                there yields NaN outputs for its samples instead of an exception). Output dtypes: a one-element
-                1-D timestep promotes fp16/bf16 results to fp32 as diffusers does; a (B,) timestep with B > 1
-                (which diffusers cannot step) keeps the sample's dtype.
+                there yields NaN outputs for its samples instead of an exception); a (B,) CPU tensor is checked on
+                the host and copied to the device, so inside a captured CUDA graph pass per-sample timesteps on the
+                samples' device. Output dtypes: a one-element 1-D timestep promotes fp16/bf16 results to fp32 as
+                diffusers does; a (B,) timestep with B > 1 (which diffusers cannot step) keeps the sample's dtype.
             sample (`torch.Tensor`): x_t, with the batch in dim 0.
             eta (`float`, defaults to 0.0): noise weight, >= 0; 0 is DDIM, 1 is DDPM-like. Above 1, where
                 diffusers returns NaN (1 - alpha_prev - sigma^2 < 0), the direction term is taken as 0 and a
@@ -384,7 +393,7 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                 f"dynamic thresholding needs a batch dimension: sample must have rank >= 2, got {sample.dim()}"
             )
         backend = self._backend_for(sample)
-        timestep_int, timestep_tensor, promote = self._resolve_timestep(timestep, sample)
+        timestep_int, timestep_tensor, promote = resolve_timestep(timestep, sample, self._check_timestep_range)
         out_dtype = torch.float32 if promote and sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
         noise = step_noise(eta, generator, variance_noise, model_output)
         prev_sample, pred_original = run_step(
@@ -417,7 +426,8 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         return resolve_timestep(timestep, sample, self._check_timestep_range)
 
     def _check_timestep_range(self, timestep: int) -> int:
-        self._follow_alphas()
+        # T of the tables' source as of the last table lookup (step looks the table up after this check, and
+        # rebuilds it there if alphas_cumprod was replaced): one alphas check per step, not two.
         num_train_timesteps = self._alphas_cpu[0].shape[0]
         if not 0 <= timestep < num_train_timesteps:
             raise ValueError(f"timestep must be in [0, {num_train_timesteps}), got {timestep}")

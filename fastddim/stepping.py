@@ -51,17 +51,16 @@ def backend_for(sample: torch.Tensor) -> str:
             raise ValueError(
                 f"{BACKEND_ENV_VAR}=triton supports sample dtypes {ops.TRITON_DTYPES}, got {sample.dtype}"
             )
-        if not sample.is_cuda:
-            if ops.interpreting() and not ops.KERNELS_INTERPRETED:
+        if not sample.is_cuda and not ops.KERNELS_INTERPRETED:
+            if ops.interpreting():
                 raise RuntimeError(
                     "TRITON_INTERPRET=1 was set after fastddim was imported: Triton reads it when fastddim's kernels"
                     " are defined, so set TRITON_INTERPRET=1 before importing fastddim (or use CUDA tensors)"
                 )
-            if not ops.KERNELS_INTERPRETED:
-                raise RuntimeError(
-                    f"{BACKEND_ENV_VAR}=triton on {sample.device.type} tensors needs Triton's interpreter: set "
-                    "TRITON_INTERPRET=1 before importing fastddim (or use CUDA tensors)"
-                )
+            raise RuntimeError(
+                f"{BACKEND_ENV_VAR}=triton on {sample.device.type} tensors needs Triton's interpreter: set "
+                "TRITON_INTERPRET=1 before importing fastddim (or use CUDA tensors)"
+            )
     return backend
 
 
@@ -175,12 +174,15 @@ def run_step(
                 # The PyTorch backend is not the graph-capturable path: reading a device timestep here is allowed.
                 row = table[check_range(int(timestep_tensor))]
             else:
-                row = table[timestep_tensor.cpu().long()]
+                timesteps = timestep_tensor.cpu().long()
+                check_range(int(timesteps.min()))
+                check_range(int(timesteps.max()))
+                row = table[timesteps]
         else:
             table = table_for(sample.device, eta)
             if timestep_tensor is None:
                 timestep_tensor = torch.full((1,), timestep_int, dtype=torch.int64, device=sample.device)
-            row = table[timestep_tensor.reshape(-1).long().expand(sample.shape[0])]
+            row = _device_rows(table, timestep_tensor.reshape(-1).long().expand(sample.shape[0]))
         prev_sample, pred_original = ddim_step_ref(
             model_output,
             sample,
@@ -236,6 +238,13 @@ def run_step(
         out_dtype,
         traceable=compiling,
     )
+
+
+def _device_rows(table: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Table rows gathered on the device without a host sync; NaN rows for out-of-range timesteps, as the kernel."""
+    valid = (timesteps >= 0) & (timesteps < table.shape[0])
+    rows = table[timesteps.clamp(0, table.shape[0] - 1)]
+    return torch.where(valid[:, None], rows, torch.full_like(rows, float("nan")))
 
 
 def check_sample_pair(model_output: object, sample: object) -> None:

@@ -154,10 +154,10 @@ def test_batch_size_does_not_change_samples(model_dirs, tmp_path, capsys):
         (lambda tmp: ["--model", str(tmp / "missing")], "no such folder"),
         (lambda tmp: ["--model", str(tmp)], "not a diffusers pipeline folder"),
         (lambda tmp: ["--out", str(tmp / "a-file" / "x.png")], "not a folder"),
-        (lambda tmp: ["--out", str(tmp)], "is a directory"),
+        (lambda tmp: ["--out", str(tmp)], "already holds 1 entries (a-file)"),
         (lambda tmp: ["--out", str(tmp / "x.unknownext")], "extension"),
     ],
-    ids=["missing-model", "not-a-model", "output-under-a-file", "output-is-a-folder", "unknown-extension"],
+    ids=["missing-model", "not-a-model", "output-under-a-file", "output-is-a-full-folder", "unknown-extension"],
 )
 def test_user_errors(model_dirs, tmp_path, capsys, setup, fragment):
     (tmp_path / "a-file").write_text("not a folder")

@@ -258,3 +258,15 @@ def test_inversion_loop_captured_equals_eager():
     for t in reference_scheduler.timesteps:
         theirs = reference_scheduler.step(torch.sin(theirs), t, theirs).prev_sample
     assert torch.equal(captured, theirs)
+
+
+def test_trailing_inversion_never_starts_at_minus_one():
+    """diffusers' float arange gives N + 1 timesteps starting at -1 for 62 values of N (e.g. 61); its step(-1) then
+    reads alphas_cumprod[-1] = alpha_{T-1} as the *target*, jumping to near pure noise first. fastddim keeps the N
+    real timesteps."""
+    reference_scheduler, scheduler = make_pair(timestep_spacing="trailing")
+    reference_scheduler.set_timesteps(61)
+    scheduler.set_timesteps(61)
+    assert reference_scheduler.timesteps[0] == -1 and len(reference_scheduler.timesteps) == 62
+    assert len(scheduler.timesteps) == 61 and scheduler.timesteps.min() >= 0
+    assert torch.equal(scheduler.timesteps, reference_scheduler.timesteps[1:])

@@ -92,6 +92,23 @@ def test_gradients_with_noise_match_diffusers(backend, eta):
         assert torch.equal(a, b)
 
 
+def test_broadcast_noise_gradient_matches_diffusers(backend):
+    """variance_noise of shape (1, C, 1) broadcast over the batch: its gradient is summed as autograd's expand is."""
+    device = BACKEND_DEVICES[backend]
+    ours_scheduler, theirs_scheduler = DDIMScheduler(), DiffusersDDIMScheduler()
+    ours_scheduler.set_timesteps(20)
+    theirs_scheduler.set_timesteps(20)
+    model_output, sample = _leaves((2, 3, 4), device)
+    (noise,) = _leaves((1, 3, 1), device, seed=2, count=1)
+    weights = [w.detach() for w in _leaves((2, 3, 4), device, seed=1)]
+    kwargs = dict(eta=1.0, variance_noise=noise)
+    ours = _grads(ours_scheduler, model_output, 451, sample, weights, False, **kwargs)
+    theirs = _grads(theirs_scheduler, model_output, 451, sample, weights, False, **kwargs)
+    assert ours[2].shape == (1, 3, 1)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
+
+
 def test_thresholded_gradients_match_diffusers(backend):
     """Through the per-sample quantile scale (torch.quantile's gradient), as diffusers differentiates it."""
     device = BACKEND_DEVICES[backend]
@@ -244,4 +261,22 @@ def test_backward_kernel_on_cuda_matches_diffusers(config):
     ours = _grads(ours_scheduler, model_output, 901, sample, weights, False)
     theirs = _grads(theirs_scheduler, model_output, 901, sample, weights, False)
     for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_compiled_twin_step_is_differentiable(monkeypatch):
+    """torch.compile(fullgraph=True) traces the PyTorch backend's step (the scheduler's alphas bookkeeping stays out
+    of the graph) and its gradients equal eager ones. Dynamo's ``eager`` backend: no C++ compiler on CI."""
+    monkeypatch.setenv("FASTDDIM_BACKEND", "torch")
+    scheduler = DDIMScheduler(prediction_type="v_prediction")
+    scheduler.set_timesteps(10)
+    model_output, sample = _leaves((2, 3, 4), "cpu")
+
+    def step(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return scheduler.step(m, 901, x, return_dict=False)[0]
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    ours = torch.autograd.grad(compiled(model_output, sample).sum(), (model_output, sample))
+    eager = torch.autograd.grad(step(model_output, sample).sum(), (model_output, sample))
+    for a, b in zip(ours, eager, strict=True):
         assert torch.equal(a, b)

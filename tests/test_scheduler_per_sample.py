@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler as DiffusersDDIMScheduler
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastddim
 from fastddim import DDIMInverseScheduler, DDIMScheduler
@@ -207,3 +209,40 @@ def test_per_sample_step_under_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured[0], scheduler.step(model_output[:1], 1, sample[:1]).prev_sample[0])
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    prediction_type=st.sampled_from(["epsilon", "sample", "v_prediction"]),
+    clip_sample=st.booleans(),
+    thresholding=st.booleans(),
+    spacing=st.sampled_from(["leading", "trailing", "linspace", "quad"]),
+    prev_from_schedule=st.booleans(),
+    eta=st.sampled_from([0.0, 1.0]),
+    batch=st.integers(2, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_per_sample_property_sweep(
+    backend, prediction_type, clip_sample, thresholding, spacing, prev_from_schedule, eta, batch, seed
+):
+    """Random configs, schedules and per-sample timesteps drawn from the schedule: one call equals B calls."""
+    device = BACKEND_DEVICES[backend]
+    scheduler = DDIMScheduler(
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+        thresholding=thresholding,
+        timestep_spacing=spacing,
+        prev_timestep_from_schedule=prev_from_schedule,
+    )
+    scheduler.set_timesteps(12)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(scheduler.timesteps), (batch,), generator=generator)
+    timesteps = scheduler.timesteps[picks]
+    sample, model_output, noise = _inputs((batch, 2, 3, 4), torch.float32, device, seed)
+    kwargs = dict(eta=eta, variance_noise=noise) if eta else {}
+    batched = scheduler.step(model_output, timesteps.to(device), sample, **kwargs)
+    for b, t in enumerate(timesteps.tolist()):
+        alone_kwargs = dict(eta=eta, variance_noise=noise[b : b + 1]) if eta else {}
+        alone = scheduler.step(model_output[b : b + 1], t, sample[b : b + 1], **alone_kwargs)
+        assert_identical(batched.prev_sample[b : b + 1], alone.prev_sample)
+        assert_identical(batched.pred_original_sample[b : b + 1], alone.pred_original_sample)

@@ -213,3 +213,29 @@ def test_config_round_trip_of_the_new_options(tmp_path):
     loaded = DDIMScheduler.from_pretrained(tmp_path)
     assert loaded.config.timestep_spacing == "quad" and loaded.config.prev_timestep_from_schedule is True
     assert DDIMScheduler().config.prev_timestep_from_schedule is False
+
+
+@pytest.mark.gpu
+def test_schedule_following_loop_is_sync_free_and_capturable():
+    scheduler = DDIMScheduler(timestep_spacing="quad", prev_timestep_from_schedule=True)
+    scheduler.set_timesteps(20, device="cuda")
+    start = torch.randn(2, 4, 16, 16, device="cuda")
+
+    def loop(x: torch.Tensor) -> torch.Tensor:
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, 0), t, x).prev_sample
+        return x
+
+    eager = loop(start)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loop(start)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    static = start.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = loop(static)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)

@@ -133,7 +133,7 @@ def _zero_scratch(pass_ptr, slots, is_first_program):
 
 
 # The per-call integers are not specialized (a new timestep must not compile a new kernel mid-loop or mid-capture,
-# and fastddim.ops._launch_compiled relies on it).
+# and fastddim.compat._launch_compiled relies on it).
 @triton.jit(do_not_specialize=["timestep", "num_train_timesteps", "rank_lo"])
 def dynamic_threshold_scale_kernel(
     # Pointers to tensors

@@ -1,0 +1,109 @@
+"""``fastddim interpolate``: a strip of images along the great circle between two seeds' initial noise.
+
+DDIM's deterministic sampler (eta 0) maps x_T to an image, so images between two seeds come from latents between
+their x_T; the DDIM paper interpolates them spherically (section 5.3, `fastddim.slerp`). Seed s's x_T is drawn exactly
+as ``fastddim sample --seeds s`` draws it, so the strip's first and last frames are those seeds' images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import pathlib
+import sys
+import time
+
+import torch
+
+from fastddim.cli import GRID_SCALE, MAX_GRID_PIXELS, UsageError, grid_size, make_grid
+from fastddim.outputs import write_bytes
+
+MAX_FRAMES = 1000
+
+
+def run(args: argparse.Namespace) -> int:
+    """Checks the arguments, samples the frames, writes the strip atomically; returns the exit status (0)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from fastddim.interpolation import slerp
+    from fastddim.sample_command import load_pipeline, resolve_device
+
+    started = time.perf_counter()
+    seed_a, seed_b = args.seeds
+    if args.frames < 2 or args.frames > MAX_FRAMES:
+        raise UsageError(f"--frames {args.frames}: expected between 2 and {MAX_FRAMES} frames")
+    out = _check_image_path(args.out)
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    pipe, _ = load_pipeline(args.model, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    train_steps = pipe.scheduler.config.num_train_timesteps
+    if args.steps > train_steps:
+        raise UsageError(f"--steps {args.steps}: the model was trained with {train_steps} timesteps, at most that")
+    sample_size = pipe.unet.config.sample_size
+    height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+    scale = args.scale or GRID_SCALE
+    strip_width, strip_height = grid_size(args.frames, height, width, scale, columns=args.frames)
+    if strip_width * strip_height > MAX_GRID_PIXELS:
+        raise UsageError(
+            f"--scale {scale}: a strip of {args.frames} frames would be {strip_width}x{strip_height} pixels, above "
+            f"the limit of {MAX_GRID_PIXELS} (PIL's image-size limit); use a smaller --scale or fewer --frames"
+        )
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+
+    shape = (1, pipe.unet.config.in_channels, height, width)
+    # One CPU generator per seed, as `fastddim sample --seeds` draws each image's x_T.
+    ends = [
+        randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=device, dtype=dtype)
+        for seed in (seed_a, seed_b)
+    ]
+    latents = slerp(ends[0], ends[1], torch.linspace(0, 1, args.frames, dtype=torch.float64))
+    sampling_started = time.perf_counter()
+    images = pipe(
+        latents=latents,
+        num_inference_steps=args.steps,
+        output_type="np",
+        cuda_graph=False if args.no_cuda_graph else None,
+    ).images
+    sampling_seconds = time.perf_counter() - sampling_started
+    strip = make_grid(images.astype("float32"), scale=scale, columns=args.frames)
+    encoded = io.BytesIO()
+    strip.save(encoded, format=_image_format(out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(out, encoded.getvalue())
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
+    print(
+        f"wrote a {strip.width}x{strip.height} strip of {args.frames} frames from seed {seed_a} to seed {seed_b} to "
+        f"{out} in {time.perf_counter() - started:.2f} s ({args.steps} steps on {device}, sampling "
+        f"{sampling_seconds:.2f} s)",
+        file=sys.stdout,
+    )
+    return 0
+
+
+def _image_format(path: pathlib.Path) -> str:
+    from PIL import Image
+
+    return Image.registered_extensions()[path.suffix.lower()]
+
+
+def _check_image_path(text: str) -> pathlib.Path:
+    """An image path PIL can write, in a folder that exists or can be made: checked before any model is loaded."""
+    from PIL import Image
+
+    out = pathlib.Path(text)
+    if out.is_dir():
+        raise UsageError(f"--out {text}: is a folder; give an image path such as strip.png")
+    extension = out.suffix.lower()
+    image_format = Image.registered_extensions().get(extension)
+    if image_format is None or image_format not in Image.SAVE:
+        raise UsageError(f"--out {text}: PIL cannot write {extension or 'files without an extension'} (use .png)")
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"--out {text}: {ancestor} is not a folder")
+    return out

@@ -1,5 +1,9 @@
 """The scheduler and pipeline issues' performance targets (for an H100/H200), read from a ``fastddim bench`` run.
 
+The whole-loop targets of the Stable Diffusion pipelines issue read the text-to-image records (``sd``) and, where
+they apply to every loop (the limit, never slower than the best other implementation, the eager loop against
+diffusers'), the unconditional ones (``loop``) too.
+
     python bench/targets.py bench/results/nvidia-h100-80gb-hbm3/results.json
 
 prints a markdown table: each target, what the run measured for it, and whether it is met (``–`` where the run
@@ -20,6 +24,9 @@ from pathlib import Path
 
 # Loop implementations that replay fastddim's captured loop.
 GRAPH_LOOP_IMPLS = ("fastddim-graph", "fastddim-graph-compiled")
+# What fastddim's loops are compared with: every other implementation but the physical limit.
+OTHER_LOOP_IMPLS = ("diffusers", "compile-reduce-overhead")
+LOOP_BENCHMARKS = ("loop", "sd")
 
 
 def _timed(records: list[dict], benchmark: str, impls: tuple[str, ...]) -> list[dict]:
@@ -31,7 +38,71 @@ def _step_label(record: dict) -> str:
 
 
 def _loop_label(record: dict) -> str:
-    return f"{record['model']} b{record['batch_size']} {record['dtype']}"
+    label = f"{record['model']} b{record['batch_size']} {record['dtype']}"
+    if record["benchmark"] == "sd":
+        label += f" {record['num_inference_steps']} steps"
+    return label
+
+
+def _loop_targets(records: list[dict]) -> list[dict]:
+    """The whole-loop targets of the pipelines issue over the unconditional (loop) and text-to-image (sd) records."""
+    loops = [r for r in records if r["benchmark"] in LOOP_BENCHMARKS and r["median_us"]]
+    sd15_b1: dict[str, float] = {}
+    sd15_b1_graphs = [
+        r
+        for r in loops
+        if r["benchmark"] == "sd" and r["model"] == "sd15" and r["batch_size"] == 1 and r["impl"] in GRAPH_LOOP_IMPLS
+    ]
+    for r in sd15_b1_graphs:
+        if speedup := r["speedup_vs_compile_reduce_overhead"]:
+            sd15_b1[_loop_label(r)] = max(sd15_b1.get(_loop_label(r), 0.0), speedup)
+    best_fastddim: dict[tuple, float] = {}
+    best_other: dict[tuple, float] = {}
+    for r in loops:
+        key = (r["benchmark"], _loop_label(r))
+        if r["impl"] in GRAPH_LOOP_IMPLS:
+            best_fastddim[key] = min(best_fastddim.get(key, float("inf")), r["median_us"])
+        elif r["impl"] in OTHER_LOOP_IMPLS:
+            best_other[key] = min(best_other.get(key, float("inf")), r["median_us"])
+    never_slower = [
+        (f"{benchmark} {label}", best_other[(benchmark, label)] / median)
+        for (benchmark, label), median in best_fastddim.items()
+        if (benchmark, label) in best_other
+    ]
+    return [
+        _check(
+            "sd: >= 1.3x diffusers + torch.compile reduce-overhead at batch 1, SD1.5 architecture (best fastddim graph)",
+            list(sd15_b1.items()),
+            lambda speedup: speedup >= 1.3,
+            "x",
+        ),
+        _check(
+            "loop time <= 1.05x the limit (fastddim-graph; limit: N x captured UNet call alone, device time)",
+            [
+                (f"{r['benchmark']} {_loop_label(r)}", r.get("vs_limit"))
+                for r in loops
+                if r["impl"] == "fastddim-graph" and r.get("vs_limit") is not None
+            ],
+            lambda ratio: ratio <= 1.05,
+            "x",
+        ),
+        _check(
+            "never slower than the best other implementation (best other / best fastddim graph)",
+            never_slower,
+            lambda ratio: ratio >= 1.0,
+            "x",
+        ),
+        _check(
+            "fastddim-eager never slower than diffusers eager",
+            [
+                (f"{r['benchmark']} {_loop_label(r)}", r["speedup_vs_diffusers"])
+                for r in loops
+                if r["impl"] == "fastddim-eager"
+            ],
+            lambda speedup: speedup >= 1.0,
+            "x",
+        ),
+    ]
 
 
 def _check(target: str, values: list[tuple[str, float | None]], passes: Callable[[float], bool], unit: str) -> dict:
@@ -65,7 +136,7 @@ def target_checks(records: list[dict]) -> list[dict]:
         for (shape, dtype, eta, thresholding), record in graphed.items()
         if thresholding and (shape, dtype, eta, False) in graphed
     ]
-    loops = _timed(records, "loop", GRAPH_LOOP_IMPLS)
+    loops = _timed(records, "loop", GRAPH_LOOP_IMPLS)  # the unconditional loop (the text-to-image one: sd)
     best_vs_compile: dict[str, float] = {}
     for r in loops:
         if r["speedup_vs_compile_reduce_overhead"]:
@@ -122,6 +193,7 @@ def target_checks(records: list[dict]) -> list[dict]:
             lambda pct: pct <= 3,
             "%",
         ),
+        *_loop_targets(records),
     ]
 
 

@@ -29,7 +29,7 @@ def _run(argv: list[str]) -> int:
 
 
 def _assert_schema(record: dict) -> None:
-    expected = records.RECORD_KEYS + (records.STEP_KEYS if record["benchmark"] == "step" else records.LOOP_KEYS)
+    expected = records.RECORD_KEYS + records.BENCHMARK_KEYS[record["benchmark"]]
     assert set(record) == set(expected), record["name"]
 
 
@@ -78,9 +78,14 @@ def test_tiny_run_writes_results_table_and_plots(tmp_path, capsys):
     assert diffusers_loop["error"] is None, diffusers_loop["error"]
     assert diffusers_loop["images_per_s"] > 0 and diffusers_loop["ms_per_step"] > 0
     assert 0 < diffusers_loop["scheduler_share"] < 1
+    # The limit row of the same case: N x one UNet call alone; the loop's time over it.
+    limit_row = next(r for r in loops if r["impl"] == "unet-limit" and r["batch_size"] == 1)
+    assert limit_row["vs_limit"] == 1.0 and limit_row["check"] is None
+    assert diffusers_loop["vs_limit"] == pytest.approx(diffusers_loop["median_us"] / limit_row["median_us"])
 
     table = (out / "results.md").read_text()
     assert "| fastddim |" in table and "## Loop" in table and "need a CUDA GPU" in table
+    assert "| ÷ limit |" in table and "| unet-limit |" in table and "## Text-to-image loop" in table
     plots = ("step_us_vs_size.png", "step_latency_vs_size.png", "loop_images_per_s.png")
     for name in plots:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -358,7 +363,8 @@ def test_bench_skips_are_not_errors(tmp_path, monkeypatch, capsys):
         ["--tiny", "--only", "loop", "--device", "cpu", "--no-plots", "--out", str(out)], capsys
     )
     assert code == 0, stderr
-    assert "4 cases: 2 ok, 2 skipped (not errors), 0 failed the correctness check, 0 errored." in stdout
+    # diffusers and the limit run for both batch sizes; fastddim's two loops are skipped.
+    assert "6 cases: 4 ok, 2 skipped (not errors), 0 failed the correctness check, 0 errored." in stdout
     assert "skipped loop/tiny batch=1 fp32/fastddim-eager: fastddim.DDIMPipeline is not available" in stdout
     assert "FAILED" not in stderr
 
@@ -470,8 +476,8 @@ def test_targets_met_not_met_and_not_measured(targets):
         _step("fastddim", [32, 4, 1024, 512], None, pct_of_copy_bw=10.0),
     ]
     checks = targets.target_checks(recs)
-    # Bandwidth, device time, latency, thresholded/plain, then the three loop targets (no loop records).
-    assert [check["met"] for check in checks] == [True, True, False, False, None, None, None], checks
+    # Bandwidth, device time, latency, thresholded/plain, then the seven loop targets (no loop records).
+    assert [check["met"] for check in checks] == [True, True, False, False] + [None] * 7, checks
     assert checks[0]["measured"] == "64x4x512x512 fp16 eta 0: 95.0%"
     assert checks[3]["measured"] == "4x3x256x256 fp16 eta 0: 12.00x"
     assert checks[6]["measured"] == "not measured"
@@ -495,9 +501,54 @@ def test_targets_of_the_committed_h100_run(targets, capsys):
         "loop at batch 1: >= 5x diffusers' DDIMPipeline (fastddim-graph)": "yes",
         "loop: >= 1.3x torch.compile reduce-overhead (best fastddim graph)": "**no**",
         "loop: scheduler share <= 3 % (largest, fastddim graphs)": "yes",
+        "sd: >= 1.3x diffusers + torch.compile reduce-overhead at batch 1, SD1.5 architecture (best fastddim graph)": "–",
+        "loop time <= 1.05x the limit (fastddim-graph; limit: N x captured UNet call alone, device time)": "–",
+        "never slower than the best other implementation (best other / best fastddim graph)": "yes",
+        # The eager loop at fp32 batch 1: 0.64x diffusers' (the pipelines issue's finding).
+        "fastddim-eager never slower than diffusers eager": "**no**",
     }
     assert targets.main(["no/such/results.json"]) == 2
     assert capsys.readouterr().err.startswith("error: no/such/results.json: not a readable results.json")
+
+
+def test_whole_loop_targets_over_sd_and_loop_records(targets):
+    def sd(impl: str, median_us: float, batch: int = 1, model: str = "sd15", **fields) -> dict:
+        return records.new_record(
+            "sd",
+            impl=impl,
+            model=model,
+            batch_size=batch,
+            dtype="fp16",
+            num_inference_steps=30,
+            median_us=median_us,
+            **fields,
+        )
+
+    recs = [
+        sd("compile-reduce-overhead", 1400.0),
+        sd("diffusers", 2000.0),
+        sd("fastddim-graph", 1000.0, speedup_vs_compile_reduce_overhead=1.4, vs_limit=1.02),
+        sd("fastddim-eager", 1900.0, speedup_vs_diffusers=2000 / 1900),
+        # Batch 4: the graph is slower than reduce-overhead there, and 1.1x its limit; the eager loop is slower.
+        sd("compile-reduce-overhead", 3000.0, batch=4),
+        sd("fastddim-graph", 3300.0, batch=4, speedup_vs_compile_reduce_overhead=3000 / 3300, vs_limit=1.1),
+        sd("fastddim-eager", 5000.0, batch=4, speedup_vs_diffusers=0.9),
+        # Batch 1 of SDXL: not the 1.3x target's architecture.
+        sd("fastddim-graph-compiled", 900.0, model="sdxl", speedup_vs_compile_reduce_overhead=1.1),
+        # The limit row is never "another implementation".
+        sd("unet-limit", 100.0, batch=4),
+    ]
+    checks = {check["target"].split(" (")[0]: check for check in targets.target_checks(recs)}
+    ratio = checks["sd: >= 1.3x diffusers + torch.compile reduce-overhead at batch 1, SD1.5 architecture"]
+    assert ratio["met"] is True and ratio["measured"] == "sd15 b1 fp16 30 steps: 1.40x"
+    limit_check = checks["loop time <= 1.05x the limit"]
+    assert limit_check["met"] is False and "sd sd15 b4 fp16 30 steps: 1.10x" in limit_check["measured"]
+    never_slower = checks["never slower than the best other implementation"]
+    assert never_slower["met"] is False
+    assert never_slower["measured"] == "sd sd15 b1 fp16 30 steps: 1.40x; sd sd15 b4 fp16 30 steps: 0.91x"
+    eager = checks["fastddim-eager never slower than diffusers eager"]
+    assert eager["met"] is False and "sd sd15 b4 fp16 30 steps: 0.90x" in eager["measured"]
+    assert checks["loop at batch 1: >= 5x diffusers' DDIMPipeline"]["met"] is None
 
 
 def test_reconstruction_record_and_table():

@@ -5,17 +5,19 @@
 #   bench/tools/gpu_session.sh overhead    # eager-step host-time breakdown and the threshold split sweep (~2 minutes)
 #   bench/tools/gpu_session.sh bench-step  # fastddim bench --only step (2-5 minutes; torch.compile cases bounded)
 #   bench/tools/gpu_session.sh bench-loop  # fastddim bench --only loop (about 6 minutes on an H100)
+#   bench/tools/gpu_session.sh bench-sd    # text-to-image loops, SD1.5 architecture fp16 (about 5 minutes on an H100)
+#   bench/tools/gpu_session.sh bench-sdxl  # text-to-image loops, SDXL architecture and SD1.5 in fp32 (about 4 minutes)
 #   bench/tools/gpu_session.sh regression  # pytest bench/ against the committed baseline, saving this run (~2 min)
 #
 # Several phases run in turn in one call (e.g. `gpu_session.sh tests overhead`): a device machine goes back after
 # a short idle time, so fewer, fuller calls spend less device time on starting machines.
 #
 # Results go to $RESULTS (default: ${OUT:-bench-out}/<device-slug>/), ready to copy into bench/results/<device-slug>/
-# (the step and loop runs write separate results.json files under step/ and loop/: merge them as the committed
+# (the step, loop and text-to-image runs write separate results.json files under step/, loop/, sd/ and sdxl/: merge them as the committed
 # bench/results/nvidia-h100-80gb-hbm3/results.json was, see its "runs" and "notes"). The device's copy of the
 # repository may carry a stale .git: results.json records `git describe --dirty`, so check the commit you sent.
 set -uo pipefail
-: "${1:?usage: gpu_session.sh PHASE... (tests, overhead, bench-step, bench-loop, regression)}"
+: "${1:?usage: gpu_session.sh PHASE... (tests, overhead, bench-step, bench-loop, bench-sd, bench-sdxl, regression)}"
 slug=$(python -m fastddim.benchmark --print-device-slug)
 results=${RESULTS:-${OUT:-bench-out}/$slug}
 mkdir -p "$results"
@@ -36,6 +38,21 @@ for phase in "$@"; do
     bench-loop)
         python -m fastddim.benchmark --only loop --budget-s 420 --out "$results/loop" 2>&1 | tail -n 50
         python bench/targets.py "$results/loop/results.json"
+        ;;
+    bench-sd)
+        # SD1.5 architecture, fp16, batch 1 and 4, 30 and 50 steps: the eager and graph loops and the limit (about
+        # 2-3 minutes), then the torch.compile loops, batch 1 first, each starting only within --budget-s of the
+        # run's start (each compile takes about a minute): the batch-1 comparison with reduce-overhead fits.
+        python -m fastddim.benchmark --only sd --sd-cases 'sd15 .* fp16' --budget-s 240 --no-plots \
+            --out "$results/sd" 2>&1 | tail -n 40
+        python bench/targets.py "$results/sd/results.json"
+        ;;
+    bench-sdxl)
+        # SDXL architecture at batch 1 (5 GiB of fp16 weights) and the SD1.5 architecture in fp32 (the eager loops'
+        # comparison); SDXL's torch.compile loops only within the budget.
+        python -m fastddim.benchmark --only sd --sd-cases 'sdxl|fp32' --budget-s 150 --no-plots \
+            --out "$results/sdxl" 2>&1 | tail -n 30
+        python bench/targets.py "$results/sdxl/results.json"
         ;;
     regression)
         # Compare with the newest committed run, then save this one next to copies of the committed ones (in

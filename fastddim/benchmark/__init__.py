@@ -1,6 +1,6 @@
 """Benchmark harness for fastddim: ``fastddim bench`` (or ``python -m fastddim.benchmark``).
 
-Two benchmarks, one run, one output folder:
+Four benchmarks, one run, one output folder:
 
 - **step** (`fastddim.benchmark.step`): one DDIM update, ``scheduler.step``, at latent and pixel-space shapes, against
   diffusers (eager, with a 0-dim device timestep as Stable Diffusion pipelines pass it, and with an int timestep),
@@ -10,14 +10,22 @@ Two benchmarks, one run, one output folder:
 - **loop** (`fastddim.benchmark.loop`): a whole 50-step sampling loop with ``fastddim.DDIMPipeline`` (CUDA graph and
   eager, and the graph around ``torch.compile(unet)``: ``fastddim-graph-compiled``), ``diffusers.DDIMPipeline`` and
   ``diffusers.DDIMPipeline`` with ``torch.compile(unet, mode="reduce-overhead")``, on a UNet of the
-  ``google/ddpm-cifar10-32`` architecture (random weights) and on the embedded digits model.
+  ``google/ddpm-cifar10-32`` architecture (random weights) and on the embedded digits model; and ``unet-limit``, the
+  loop's physical limit (`fastddim.benchmark.limit`: N x one UNet call captured alone, CUDA-event device time), with
+  ``vs_limit`` = loop time / limit on every loop record.
+- **sd** (`fastddim.benchmark.sd`): text-to-image loops with classifier-free guidance on random-weight UNets of the
+  SD1.5 and SDXL architectures (fp16, batch 1 and 4, 30 and 50 steps): diffusers' Stable Diffusion pipelines eager and
+  with ``torch.compile(unet, mode="reduce-overhead")``, fastddim's eager, graph and graph-around-compiled-UNet loops,
+  and the limit on the CFG batch; every fastddim loop's latents are checked against diffusers eager's first.
+- **reconstruction** (`fastddim.benchmark.reconstruction`): DDIM inversion then sampling back on real digits.
 
 Usage::
 
-    fastddim bench                          # full matrix on a CUDA GPU (about 5-6 minutes on an H100)
+    fastddim bench                          # full matrix on a CUDA GPU (about 15 minutes on an H100, 9 of them --only sd)
     fastddim bench --out bench-out/h100     # choose the output folder (default: bench-out/)
     fastddim bench --quick                  # small shapes only; on a CPU: torch backend vs diffusers, < 5 minutes
     fastddim bench --only step --no-compile # just the step benchmark, without torch.compile
+    fastddim bench --only sd --sd-cases 'sd15 batch=1'  # text-to-image loops, SD1.5 architecture at batch 1
     fastddim bench --quick --threads 1      # on a loaded/shared CPU, where torch's threads contend
     python -m fastddim.benchmark --quick    # the same without the CLI
     python -m fastddim.benchmark --print-device-slug   # e.g. nvidia-h100-80gb-hbm3, for per-device folders
@@ -44,9 +52,9 @@ of back-to-back calls, per call. On a CPU both are host wall time. Loops: host w
 pipeline calls. ``torch.compile`` cases run last and are skipped once ``--budget-s`` seconds have passed.
 
 Modules: `cases` (cases, implementations, plans), `environment`, `records` (schema, checks, results.json), `step`,
-`loop`, `runner` (a run), `report` (results.md, plots), `command` (options, checks, exit status). To add a case,
-append it to the lists in `cases`; to add an implementation, register it in ``step.STEP_IMPLEMENTATIONS`` or
-``loop.LOOP_IMPLEMENTATIONS`` (see those modules).
+`loop`, `limit`, `sd`, `reconstruction`, `runner` (a run), `report` (results.md, plots), `command` (options, checks, exit status). To add a case,
+append it to the lists in `cases`; to add an implementation, register it in ``step.STEP_IMPLEMENTATIONS``,
+``loop.LOOP_IMPLEMENTATIONS`` or ``sd.SD_IMPLEMENTATIONS`` (see those modules).
 """
 
 from fastddim.benchmark.command import add_arguments, main, run

@@ -32,6 +32,8 @@ class Implementation:
         compiles (`bool`): uses ``torch.compile``: left out by ``--no-compile`` and ``--quick``, run after everything
             else while ``--budget-s`` lasts (compiled loops in fp16 only).
         timestep_kind (`str`, *optional*): how a step implementation receives the timestep (recorded in ``config``).
+        limit (`bool`): not an implementation but the loop's physical limit (`fastddim.benchmark.limit`): N x the
+            UNet's own time per call, measured once per configuration.
     """
 
     name: str
@@ -39,6 +41,7 @@ class Implementation:
     cuda_graph: bool = False
     compiles: bool = False
     timestep_kind: str | None = None
+    limit: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +76,25 @@ class LoopCase:
         return f"{self.model} batch={self.batch_size} {DTYPE_NAMES[self.dtype]}"
 
 
+@dataclasses.dataclass(frozen=True)
+class SDCase:
+    """One text-to-image loop configuration: a UNet architecture known to `fastddim.benchmark.sd`, the number of
+    images, dtype, steps and guidance scale (classifier-free guidance on when above 1)."""
+
+    model: str
+    batch_size: int
+    dtype: torch.dtype
+    num_inference_steps: int
+    guidance_scale: float = 7.5
+
+    @property
+    def label(self) -> str:
+        return (
+            f"{self.model} batch={self.batch_size} {DTYPE_NAMES[self.dtype]} steps={self.num_inference_steps} "
+            f"cfg={self.guidance_scale:g}"
+        )
+
+
 @dataclasses.dataclass
 class Plan:
     """What one run measures and how hard."""
@@ -96,6 +118,12 @@ class Plan:
     # Reconstruction (invert, then sample back) of this many real digits, once per number of steps S.
     reconstruction_steps: tuple[int, ...] = ()
     reconstruction_images: int = 256
+    # Text-to-image loops (fastddim.benchmark.sd): steps are the cases' own; the first call is the correctness check
+    # (and the capture/compile), then sd_warmup more calls (one more for torch.compile cases), then sd_rounds timed.
+    sd_cases: list[SDCase] = dataclasses.field(default_factory=list)
+    sd_impls: tuple[str, ...] = ()
+    sd_warmup: int = 0
+    sd_rounds: int = 3
 
 
 F16, F32 = torch.float16, torch.float32
@@ -141,3 +169,14 @@ GPU_QUICK_LOOP_CASES = [LoopCase("digits", 1, F16), LoopCase("digits", 16, F16)]
 # The cifar10-32 UNet takes ~0.1-0.4 s per step on a small CPU: GPU runs only.
 CPU_QUICK_LOOP_CASES = [LoopCase("digits", 1, F32), LoopCase("digits", 16, F32)]
 TINY_LOOP_CASES = [LoopCase("tiny", 1, F32), LoopCase("tiny", 2, F32)]
+
+# Text-to-image: the SD1.5 architecture at 30 and 50 steps, batch 1 and 4, fp16 (and fp32 at batch 1, the eager loops'
+# reference point); the SDXL architecture at batch 1. Batch 1 first: the launch-bound case.
+GPU_SD_CASES = [SDCase("sd15", batch, F16, steps) for batch in (1, 4) for steps in (30, 50)] + [
+    SDCase("sdxl", 1, F16, 30),
+    SDCase("sd15", 1, F32, 30),
+]
+GPU_QUICK_SD_CASES = [SDCase("sd15", 1, F16, 30)]
+# The SD1.5 UNet takes seconds per call on a small CPU: GPU runs only.
+CPU_QUICK_SD_CASES: list[SDCase] = []
+TINY_SD_CASES = [SDCase("tiny-sd", 2, F32, 2), SDCase("tiny-sdxl", 1, F32, 2)]

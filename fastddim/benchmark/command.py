@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -52,6 +53,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _regex(text: str) -> re.Pattern:
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {text!r} ({exc})") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``fastddim bench``'s options to ``parser``."""
     parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"output folder (default: {DEFAULT_OUT}/)")
@@ -62,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--only", choices=("all", "step", "loop", "reconstruction"), default="all", help="which benchmark to run"
+        "--only", choices=("all", "step", "loop", "sd", "reconstruction"), default="all", help="which benchmark to run"
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile implementations")
     parser.add_argument(
@@ -72,7 +80,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"skip torch.compile cases that would start after this many seconds (default: {DEFAULT_BUDGET_S:.0f})",
     )
     parser.add_argument(
-        "--steps", type=_positive_int, default=None, help=f"inference steps per loop (default: {NUM_INFERENCE_STEPS})"
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help=f"inference steps per loop (default: {NUM_INFERENCE_STEPS}; text-to-image cases: 30 and 50)",
+    )
+    parser.add_argument(
+        "--sd-cases",
+        type=_regex,
+        default=None,
+        metavar="REGEX",
+        help="run only the text-to-image cases whose label (e.g. 'sd15 batch=1 fp16 steps=30 cfg=7.5') matches REGEX",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")

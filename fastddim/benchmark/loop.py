@@ -3,7 +3,8 @@
 Implementations (``LOOP_IMPLEMENTATIONS``): ``fastddim.DDIMPipeline`` replaying its captured loop (``fastddim-graph``)
 and eager (``fastddim-eager``), the captured loop around ``torch.compile(unet)`` in Inductor's default mode
 (``fastddim-graph-compiled``), ``diffusers.DDIMPipeline`` and ``diffusers.DDIMPipeline`` with
-``torch.compile(unet, mode="reduce-overhead")``; models (`load_unet`): a UNet of the ``google/ddpm-cifar10-32``
+``torch.compile(unet, mode="reduce-overhead")``, and ``unet-limit``, the physical limit (`fastddim.benchmark.limit`:
+N x one captured UNet call alone, device time); models (`load_unet`): a UNet of the ``google/ddpm-cifar10-32``
 architecture (random weights), the embedded digits model, and a tiny UNet for tests.
 
 To add an implementation: a builder ``(unet, scheduler_config) -> callable(batch_size, num_inference_steps)`` that
@@ -27,6 +28,7 @@ import torch
 from fastddim import compat
 from fastddim.benchmark.cases import DTYPE_NAMES, Implementation, LoopCase, Plan, StepCase
 from fastddim.benchmark.environment import free_memory
+from fastddim.benchmark.limit import LIMIT_IMPL, fill_limit_record, fill_vs_limit, unet_call_us
 from fastddim.benchmark.records import error_text, new_record
 from fastddim.benchmark.step import diffusers_scheduler, fastddim_step_fn, make_step_inputs
 from fastddim.timing import capture_graph, graph_unroll, summarize, sync, time_wall
@@ -179,6 +181,7 @@ LOOP_IMPLEMENTATIONS: dict[str, Implementation] = {
             cuda_graph=True,
             compiles=True,
         ),
+        Implementation(LIMIT_IMPL, lambda *args: None, limit=True),
     )
 }
 """Loop implementations by name, in table order; each builds ``(batch_size, steps) -> images`` from a UNet."""
@@ -249,6 +252,12 @@ def run_loop_impl(case: LoopCase, impl: str, device: torch.device, plan: Plan) -
         # nn.Module.to: ModelMixin.to warns about fp32-pinned modules even when there are none.
         unet = torch.nn.Module.to(copy.deepcopy(base_unet), device=device, dtype=case.dtype)
         free_memory(device)
+        if implementation.limit:
+            sample = torch.randn(record["shape"], generator=torch.Generator().manual_seed(0)).to(device, case.dtype)
+            timestep = torch.tensor(500, device=device)
+            per_call_us, method = unet_call_us(lambda: unet(sample, timestep).sample, device, plan)
+            fill_limit_record(record, per_call_us, method, steps, case.batch_size)
+            return record
         pipe = implementation.build(unet, scheduler_config)
         # After building: resetting Dynamo there may clear the counters.
         skips_before = compat.cudagraph_skip_count()
@@ -306,8 +315,9 @@ def run_loop_impl(case: LoopCase, impl: str, device: torch.device, plan: Plan) -
 
 
 def finalize_loop_records(records: list[dict]) -> None:
-    """Fills speedups over diffusers eager and over compile-reduce-overhead (same model, batch and dtype)."""
-    loops = [r for r in records if r["benchmark"] == "loop" and r["median_us"]]
+    """Fills speedups over diffusers eager and over compile-reduce-overhead, and loop time / limit (same model, batch
+    and dtype)."""
+    loops = [r for r in records if r["benchmark"] == "loop" and r["median_us"] and r["impl"] != LIMIT_IMPL]
     for baseline_impl, field in (
         ("diffusers", "speedup_vs_diffusers"),
         ("compile-reduce-overhead", "speedup_vs_compile_reduce_overhead"),
@@ -317,3 +327,4 @@ def finalize_loop_records(records: list[dict]) -> None:
             base = baselines.get((record["model"], record["batch_size"], record["dtype"]))
             if base:
                 record[field] = base["median_us"] / record["median_us"]
+    fill_vs_limit(records, "loop", lambda r: (r["model"], r["batch_size"], r["dtype"]))

@@ -69,7 +69,27 @@ LOOP_KEYS = (
     "scheduler_step_us",
     "scheduler_share",
     "speedup_vs_compile_reduce_overhead",
+    "limit_us",
+    "vs_limit",
 )
+# Text-to-image loops with classifier-free guidance (fastddim.benchmark.sd).
+SD_KEYS = (
+    "model",
+    "shape",
+    "batch_size",
+    "num_inference_steps",
+    "guidance_scale",
+    "images_per_s",
+    "ms_per_step",
+    "first_call_s",
+    "capture_s",
+    "peak_mem_mib",
+    "speedup_vs_compile_reduce_overhead",
+    "limit_us",
+    "vs_limit",
+)
+
+BENCHMARK_KEYS = {"step": STEP_KEYS, "loop": LOOP_KEYS, "sd": SD_KEYS, "reconstruction": RECONSTRUCTION_KEYS}
 
 # (atol, rtol) against diffusers' step computed in fp32 on the same inputs.
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 2e-2)}
@@ -77,7 +97,7 @@ TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bf
 
 def new_record(benchmark: str, **fields: Any) -> dict[str, Any]:
     """A record with every schema key present (None where it does not apply)."""
-    keys = RECORD_KEYS + {"step": STEP_KEYS, "loop": LOOP_KEYS, "reconstruction": RECONSTRUCTION_KEYS}[benchmark]
+    keys = RECORD_KEYS + BENCHMARK_KEYS[benchmark]
     record: dict[str, Any] = dict.fromkeys(keys)
     record["benchmark"] = benchmark
     record["notes"] = []
@@ -172,6 +192,16 @@ METHODOLOGY = {
     "scheduler_share": "num_inference_steps x one scheduler step alone (graph replay for fastddim-graph, eager wall "
     "for others; diffusers with a 0-dim CPU timestep as DDIMPipeline passes it) / loop time",
     "speedup_vs_diffusers": "diffusers eager median / this median at the same shape, dtype and config",
+    "limit": "unet-limit rows: the physical limit of a loop, N x the UNet's own time per call on the batch the loop "
+    "feeds it (the classifier-free-guidance batch in sd): on CUDA device time, CUDA events around back-to-back "
+    "replays of a CUDA graph holding that one UNet call alone; on a CPU host wall of eager calls. vs_limit = loop "
+    "time / limit at the same model, batch, dtype and steps",
+    "sd": "text-to-image loops: host wall time per pipeline call (prompt_embeds/negative_prompt_embeds given, "
+    "output_type='latent', no text encoder or VAE in the pipeline, fixed seed-0 latents and embeddings, eta 0, "
+    "guidance 7.5) with a synchronize after it; the first call is checked against diffusers eager's latents "
+    "(relative L2 error <= 2e-2 in fp16, 1e-3 in fp32) and gives capture_s = first call - median call; then warm-up "
+    "(one call for torch.compile cases) and settings.sd_rounds timed calls; peak memory as for loop (the UNet's "
+    "weights included); diffusers eager's first call is the reference",
 }
 
 

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from fastddim.benchmark.loop import LOOP_IMPLEMENTATIONS
+from fastddim.benchmark.sd import SD_IMPLEMENTATIONS
 from fastddim.benchmark.step import STEP_IMPLEMENTATIONS, step_key
 
 GPU_MESSAGE = (
@@ -14,6 +15,7 @@ GPU_MESSAGE = (
 )
 STEP_ORDER = tuple(STEP_IMPLEMENTATIONS)
 LOOP_ORDER = tuple(LOOP_IMPLEMENTATIONS)
+SD_ORDER = tuple(SD_IMPLEMENTATIONS)
 
 
 def fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
@@ -91,11 +93,12 @@ def markdown_tables(results: dict) -> str:
             "## Loop (whole sampling loop)",
             "",
             "Host wall per pipeline call; capture s = first call minus a warm call; sched share = steps × one "
-            "scheduler step alone / loop time.",
+            "scheduler step alone / loop time; unet-limit = steps × one captured UNet call alone (device time on GPU), "
+            "÷ limit = loop time / that limit.",
             "",
             "| model | batch | dtype | impl | status | images/s | ms/step | call ms (p20–p80) | capture s | "
-            "peak MiB | sched share | speedup | vs reduce-overhead |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "peak MiB | sched share | speedup | vs reduce-overhead | ÷ limit |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         order = {
             key: i for i, key in enumerate(dict.fromkeys((r["model"], r["dtype"], r["batch_size"]) for r in loops))
@@ -109,9 +112,10 @@ def markdown_tables(results: dict) -> str:
                 f"{_with_range(r, '.1f', 1e-3)} | {fmt(r['capture_s'], '.2f')} | "
                 f"{fmt(r['peak_mem_mib'], '.0f')} | {fmt(None if r['scheduler_share'] is None else 100 * r['scheduler_share'], '.1f', '%')} | "
                 f"{fmt(r['speedup_vs_diffusers'], '.2f', '×')} | "
-                f"{fmt(r['speedup_vs_compile_reduce_overhead'], '.2f', '×')} |"
+                f"{fmt(r['speedup_vs_compile_reduce_overhead'], '.2f', '×')} | {fmt(r['vs_limit'], '.3f')} |"
             )
         lines.append("")
+    lines += _sd_table([r for r in records if r["benchmark"] == "sd"])
     reconstructions = [r for r in records if r["benchmark"] == "reconstruction"]
     if reconstructions:
         lines += [
@@ -129,6 +133,39 @@ def markdown_tables(results: dict) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _sd_table(records: list[dict]) -> list[str]:
+    """The text-to-image loop table (fastddim.benchmark.sd), or nothing without sd records."""
+    if not records:
+        return []
+    lines = [
+        "## Text-to-image loop (classifier-free guidance, eta 0)",
+        "",
+        "Host wall per pipeline call from prompt embeddings to final latents (no text encoder, no VAE decode); check = "
+        "relative L2 error of the latents vs diffusers eager; capture/compile s = first call minus a warm call; "
+        "unet-limit = steps × one captured UNet call alone on the CFG batch (device time on GPU); ÷ limit = loop time "
+        "/ that limit.",
+        "",
+        "| model | batch | dtype | steps | impl | status | rel. L2 err | images/s | ms/step | call ms (p20–p80) | "
+        "capture/compile s | peak MiB | speedup | vs reduce-overhead | ÷ limit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def case_key(r: dict) -> tuple:
+        return (r["model"], r["dtype"], r["batch_size"], r["num_inference_steps"])
+
+    order = {key: i for i, key in enumerate(dict.fromkeys(case_key(r) for r in records))}
+    for r in sorted(records, key=lambda r: (order[case_key(r)], _sort_key(r, SD_ORDER))):
+        rel = None if r["check"] is None else r["check"].get("rel_l2_err")
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r['dtype']} | {r['num_inference_steps']} | {r['impl']} | "
+            f"{status(r)} | {fmt(rel, '.1e')} | {fmt(r['images_per_s'], '.2f')} | {fmt(r['ms_per_step'], '.2f')} | "
+            f"{_with_range(r, '.1f', 1e-3)} | {fmt(r['capture_s'], '.2f')} | {fmt(r['peak_mem_mib'], '.0f')} | "
+            f"{fmt(r['speedup_vs_diffusers'], '.2f', '×')} | {fmt(r['speedup_vs_compile_reduce_overhead'], '.2f', '×')} "
+            f"| {fmt(r['vs_limit'], '.3f')} |"
+        )
+    return lines + [""]
 
 
 def write_plots(results: dict, out_dir: Path) -> list[Path]:

@@ -8,6 +8,7 @@ record with ``skipped`` (a missing optional component, or a ``torch.compile`` ca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import Any
 
 import torch
 
-from fastddim.benchmark import cases, loop, reconstruction, step
-from fastddim.benchmark.cases import DTYPE_NAMES, LoopCase, Plan, StepCase
+from fastddim.benchmark import cases, loop, reconstruction, sd, step
+from fastddim.benchmark.cases import DTYPE_NAMES, LoopCase, Plan, SDCase, StepCase
 from fastddim.benchmark.environment import environment_info, free_memory
 from fastddim.benchmark.records import METHODOLOGY, SCHEMA_VERSION, error_text, new_record, outcome, write_json
 from fastddim.benchmark.report import fmt, markdown_tables, status, write_plots
@@ -35,21 +36,26 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         )
 
     step_impls, loop_impls = available(step.STEP_IMPLEMENTATIONS), available(loop.LOOP_IMPLEMENTATIONS)
+    sd_impls = available(sd.SD_IMPLEMENTATIONS)
     if args.tiny:
         plan = Plan(cases.TINY_STEP_CASES, step_impls, cases.TINY_LOOP_CASES, loop_impls, num_inference_steps=3)
         plan.rounds, plan.target_round_s, plan.max_calls = 3, 0.002, 20
         plan.device_warmup_ms, plan.device_rep_ms = 2.0, 5.0
         plan.loop_rounds = 2
+        plan.sd_cases, plan.sd_rounds = list(cases.TINY_SD_CASES), 2
     elif args.quick:
         step_cases = cases.GPU_QUICK_STEP_CASES if cuda else cases.CPU_QUICK_STEP_CASES
         loop_cases = cases.GPU_QUICK_LOOP_CASES if cuda else cases.CPU_QUICK_LOOP_CASES
         plan = Plan(step_cases, step_impls, loop_cases, loop_impls)
+        plan.sd_cases = list(cases.GPU_QUICK_SD_CASES if cuda else cases.CPU_QUICK_SD_CASES)
         plan.rounds = 5
         if not cuda:
             # Eager CPU loops have nothing to capture or compile: the untimed first call is warm-up enough.
             plan.loop_warmup = 0
     else:
         plan = Plan(cases.GPU_STEP_CASES, step_impls, cases.GPU_LOOP_CASES, loop_impls)
+        plan.sd_cases = list(cases.GPU_SD_CASES)
+    plan.sd_impls = sd_impls
     if not args.tiny:
         # The DDIM paper's Table 2 steps on 256 digits; --quick on a CPU (minutes per S there) does two on 64 unless
         # the reconstruction is all it runs.
@@ -61,20 +67,26 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
             plan.step_cases = []
         if args.only != "loop":
             plan.loop_cases = []
+        if args.only != "sd":
+            plan.sd_cases = []
         if args.only != "reconstruction":
             plan.reconstruction_steps = ()
     if args.steps is not None:
         plan.num_inference_steps = args.steps
+        steps_cases = (dataclasses.replace(case, num_inference_steps=args.steps) for case in plan.sd_cases)
+        plan.sd_cases = list(dict.fromkeys(steps_cases))
+    if getattr(args, "sd_cases", None) is not None:
+        plan.sd_cases = [case for case in plan.sd_cases if args.sd_cases.search(case.label)]
     plan.budget_s = args.budget_s
     return plan
 
 
-Job = tuple[str, StepCase | LoopCase | int, str]
+Job = tuple[str, StepCase | LoopCase | SDCase | int, str]
 
 
 def compiled_impls() -> set[str]:
-    """Names of the step and loop implementations that use ``torch.compile``."""
-    implementations = {**step.STEP_IMPLEMENTATIONS, **loop.LOOP_IMPLEMENTATIONS}
+    """Names of the step, loop and text-to-image implementations that use ``torch.compile``."""
+    implementations = {**step.STEP_IMPLEMENTATIONS, **loop.LOOP_IMPLEMENTATIONS, **sd.SD_IMPLEMENTATIONS}
     return {name for name, impl in implementations.items() if impl.compiles}
 
 
@@ -101,12 +113,28 @@ def plan_jobs(plan: Plan) -> list[Job]:
                 if impl in compiles and case.dtype not in plan.compile_loop_dtypes:
                     continue
                 jobs.append(("loop", case, impl))
-    compiled_loops = [job for job in jobs if job[0] == "loop" and job[2] in compiles]
+        for case in plan.sd_cases:
+            for impl in plan.sd_impls:
+                if (impl in compiles) != compiled:
+                    continue
+                if impl in compiles and case.dtype not in plan.compile_loop_dtypes:
+                    continue
+                jobs.append(("sd", case, impl))
+    compiled_loops = [job for job in jobs if job[0] in ("loop", "sd") and job[2] in compiles]
     if compiled_loops:
         # Batch 1 first (the launch-bound case where reduce-overhead matters most), each case's compiled loops next to
-        # each other so that the time budget never leaves one without the other.
+        # each other so that the time budget never leaves one without the other; text-to-image cases in their list's
+        # order (the SD1.5 architecture first) after the unconditional ones.
         others = [job for job in jobs if job not in compiled_loops]
-        jobs = others + sorted(compiled_loops, key=lambda job: (job[1].batch_size, job[1].model))
+        sd_order = {case: i for i, case in enumerate(plan.sd_cases)}
+
+        def compiled_order(job: Job) -> tuple:
+            case = job[1]
+            if job[0] == "sd":
+                return (case.batch_size, 1, sd_order[case], "")
+            return (case.batch_size, 0, 0, case.model)
+
+        jobs = others + sorted(compiled_loops, key=compiled_order)
     # Reconstruction needs no torch.compile: before the compiled cases, which the time budget may cut.
     reconstructions: list[Job] = [("reconstruction", steps, "fastddim") for steps in plan.reconstruction_steps]
     first_compiled = next((i for i, job in enumerate(jobs) if job[2] in compiles), len(jobs))
@@ -144,6 +172,9 @@ def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bo
             "loop_rounds": plan.loop_rounds,
             "step_impls": list(plan.step_impls),
             "loop_impls": list(plan.loop_impls),
+            "sd_impls": list(plan.sd_impls),
+            "sd_warmup": plan.sd_warmup,
+            "sd_rounds": plan.sd_rounds,
             "budget_s": plan.budget_s,
         },
         "methodology": METHODOLOGY,
@@ -172,6 +203,9 @@ def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bo
                     elif benchmark == "reconstruction":
                         inputs_cache.clear()
                         record = reconstruction.reconstruction_record(case, plan, device)
+                    elif benchmark == "sd":
+                        inputs_cache.clear()
+                        record = sd.run_sd_impl(case, impl, device, plan)
                     else:
                         inputs_cache.clear()
                         record = loop.run_loop_impl(case, impl, device, plan)
@@ -185,6 +219,7 @@ def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bo
     inputs_cache.clear()
     step.finalize_step_records(records)
     loop.finalize_loop_records(records)
+    sd.finalize_sd_records(records)
     results["elapsed_s"] = time.perf_counter() - started
     written = [write_json(results, out_dir), out_dir / "results.md"]
     written[1].write_text(markdown_tables(results) + "\n")
@@ -205,10 +240,12 @@ def summarize_outcomes(records: list[dict]) -> dict[str, list[dict]]:
     return by_outcome
 
 
-def _case_record(benchmark: str, case: StepCase | LoopCase | int, impl: str, plan: Plan) -> dict:
+def _case_record(benchmark: str, case: StepCase | LoopCase | SDCase | int, impl: str, plan: Plan) -> dict:
     if benchmark == "reconstruction":
         name = f"reconstruction/{reconstruction.DIGITS_MODEL}/S={case}"
         return new_record(benchmark, name=name, impl=impl, dtype="fp32", num_inference_steps=case)
+    if isinstance(case, SDCase):
+        return sd.new_sd_record(case, impl)
     record = new_record(benchmark, name=f"{benchmark}/{case.label}/{impl}", impl=impl, dtype=DTYPE_NAMES[case.dtype])
     if isinstance(case, StepCase):
         record.update(
@@ -234,4 +271,7 @@ def _progress_figures(record: dict) -> str:
             f"{fmt(record['median_us'], '.2f')} µs, latency {fmt(record['latency_us'], '.2f')} µs, "
             f"{fmt(record['gb_per_s'], '.1f')} GB/s, check {status(record)}"
         )
-    return f"{fmt(record['images_per_s'], '.1f')} images/s, {fmt(record['ms_per_step'], '.3f')} ms/step"
+    figures = f"{fmt(record['images_per_s'], '.1f')} images/s, {fmt(record['ms_per_step'], '.3f')} ms/step"
+    if record["benchmark"] == "sd" and record["check"] is not None:
+        figures += f", check {status(record)} (rel. L2 {fmt(record['check'].get('rel_l2_err'), '.2g')})"
+    return figures

@@ -377,21 +377,17 @@ def resolve_device(name: str | None, torchrun: bool = False) -> torch.device:
     """The device to sample on; under torchrun only its type counts (each rank takes cuda:LOCAL_RANK)."""
     import torch
 
+    from fastddim.utils import parse_device
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device: not a torch device: {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine")
-        if torchrun and device.index is not None:
-            raise UsageError(f"--device {name}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise UsageError(f"--device {name}: only cpu and cuda devices are supported")
+        parse_device(name)
+    except ValueError as exc:
+        raise UsageError(f"--device {name}: {exc}") from None
+    device = torch.device(name)
+    if torchrun and device.type == "cuda" and device.index is not None:
+        raise UsageError(f"--device {name}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda")
     return device
 
 

@@ -5,7 +5,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-__all__ = ["BoundedCache", "first_line", "normalize_device"]
+__all__ = ["BoundedCache", "first_line", "normalize_device", "parse_device"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -26,6 +26,31 @@ def normalize_device(device: str | torch.device | int | None = None) -> torch.de
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def parse_device(name: str) -> torch.device:
+    """A device named on a command line (``cpu``, ``cuda``, ``cuda:N``), checked against this machine.
+
+    Returns:
+        `torch.device`: as `normalize_device` returns it.
+
+    Raises:
+        ValueError: what is wrong (not a torch device, not cpu or cuda, no CUDA, no such CUDA index), worded to follow
+            the option's name in a one-line error.
+    """
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError("not a torch device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"only {count} CUDA device(s) present")
+    elif device.type != "cpu":
+        raise ValueError("only cpu and cuda devices are supported")
+    return normalize_device(device)
 
 
 def first_line(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ from fastddim.benchmark.cases import DEFAULT_BUDGET_S, NUM_INFERENCE_STEPS
 from fastddim.benchmark.report import GPU_MESSAGE, markdown_tables
 from fastddim.benchmark.runner import make_plan, progress, run_benchmarks, summarize_outcomes
 from fastddim.timing import default_device, device_name, device_slug
-from fastddim.utils import first_line, normalize_device
+from fastddim.utils import first_line, parse_device
 
 DEFAULT_OUT = "bench-out"
 EXIT_FAILED = 1
@@ -116,18 +116,9 @@ def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return default_device()
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise BenchUsageError(f"--device {name}: not a torch device (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BenchUsageError(f"--device {name}: CUDA is not available on this machine")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise BenchUsageError(f"--device {name}: only {count} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise BenchUsageError(f"--device {name}: only cpu and cuda devices are supported")
-    return normalize_device(device)
+        return parse_device(name)
+    except ValueError as exc:
+        raise BenchUsageError(f"--device {name}: {exc}") from None
 
 
 def check_out_dir(out: Path) -> None:

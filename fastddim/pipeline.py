@@ -20,7 +20,6 @@ import numbers
 
 import numpy as np
 import PIL.Image
-import safetensors.torch  # noqa: F401  (diffusers < 0.33 loads .safetensors weights with it, unimported)
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
 from diffusers.image_processor import PipelineImageInput

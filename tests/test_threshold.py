@@ -497,6 +497,7 @@ def test_reference_on_large_rows_and_empty_rows():
     assert dynamic_threshold_scale_ref(torch.empty(2, 0), 0.9, BIG).isnan().all()
 
 
+@interpreter_fma_rounds_twice
 @interpreter
 @settings(max_examples=25, deadline=None)
 @given(

@@ -308,7 +308,7 @@ def _ddim_update(
         noise_0, noise_1, noise_2, noise_3 = tl.randn4x(seed, counter)
         noise = tl.reshape(tl.join(tl.join(noise_0, noise_1), tl.join(noise_2, noise_3)), (BLOCK_SIZE,))
         prev_sample = prev_sample + std_dev_t * noise
-    elif NOISE_MODE in (NOISE_PHILOX_PER_SAMPLE, NOISE_PHILOX_PER_SAMPLE_RAGGED):
+    elif NOISE_MODE >= NOISE_PHILOX_PER_SAMPLE:  # either per-sample mode (Triton's compiler has no `in`)
         noise = per_sample_noise(
             seed_ptr,
             timestep_ptr,

@@ -180,3 +180,41 @@ def test_torch_backend_refuses_noise_seeds_naming_the_alternative(monkeypatch):
     zeros = torch.zeros(2, 3, 4, 4)
     with pytest.raises(ValueError, match="noise_seeds.*torch backend.*generator="):
         scheduler.step(zeros, TIMESTEP, zeros, eta=1.0, noise_seeds=torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_samples_keep_their_noise_across_batches(scheduler, dtype):
+    """The normals are drawn in fp32 and rounded once, into the output dtype: still a function of (seed, step)."""
+    shape = SAMPLE_SHAPES["row-105"]
+
+    def draw(seeds):
+        zeros = torch.zeros((len(seeds), *shape), device=DEVICE, dtype=dtype)
+        noise_seeds = torch.tensor(seeds, dtype=torch.int64, device=DEVICE)
+        return scheduler.step(zeros, TIMESTEP, zeros, eta=1.0, noise_seeds=noise_seeds).prev_sample.cpu()
+
+    together = draw([4, SEED, 6])
+    assert together.dtype == dtype
+    assert torch.equal(draw([SEED])[0], together[1])
+    torch.testing.assert_close(together.float(), keyed_noise(scheduler, [4, SEED, 6], shape), atol=0.01, rtol=0.01)
+
+
+def test_thresholded_steps_keep_the_keyed_noise(monkeypatch):
+    """Dynamic thresholding reads per-sample rows too; on zero inputs x_0 stays 0, so the step is sigma_t * z."""
+    monkeypatch.setenv("FASTDDIM_BACKEND", "triton")
+    thresholded = DDIMScheduler(thresholding=True)
+    thresholded.set_timesteps(10)
+    plain = DDIMScheduler()
+    plain.set_timesteps(10)
+    shape = SAMPLE_SHAPES["row-105"]
+    assert torch.equal(keyed_noise(thresholded, [SEED, 2], shape), keyed_noise(plain, [SEED, 2], shape))
+
+
+def test_thresholded_steps_under_autograd_refuse_noise_seeds(monkeypatch):
+    """Those steps run the PyTorch twin, which has no keyed noise: an error, never other noise."""
+    monkeypatch.setenv("FASTDDIM_BACKEND", "triton")
+    scheduler = DDIMScheduler(thresholding=True)
+    scheduler.set_timesteps(10)
+    sample = torch.zeros(2, 3, 4, 4, device=DEVICE, requires_grad=True)
+    seeds = torch.tensor([1, 2], device=DEVICE)
+    with pytest.raises(ValueError, match="noise_seeds needs the fused kernel"):
+        scheduler.step(torch.zeros_like(sample), TIMESTEP, sample, eta=1.0, noise_seeds=seeds)

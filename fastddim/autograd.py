@@ -113,6 +113,7 @@ _ARGUMENTS = (
     "use_clipped_model_output",
     "out_dtype",
     "traceable",
+    "noise_seeds",
 )
 
 

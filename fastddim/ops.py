@@ -21,6 +21,10 @@ from fastddim.utils import BoundedCache
 NOISE_NONE = 0
 NOISE_TENSOR = 1
 NOISE_PHILOX = 2
+# Per-sample Philox keys (see fastddim/kernels/ddim_step.py): rows of a multiple of 4 elements, or any rows.
+NOISE_PHILOX_PER_SAMPLE = 3
+NOISE_PHILOX_PER_SAMPLE_RAGGED = 4
+PER_SAMPLE_NOISE_MODES = (NOISE_PHILOX_PER_SAMPLE, NOISE_PHILOX_PER_SAMPLE_RAGGED)
 
 # TIMESTEP_FROM_PTR values (see fastddim/kernels/ddim_step.py).
 TIMESTEP_SCALAR = 0
@@ -157,10 +161,19 @@ def _plan_step(
     grid = (triton.cdiv(numel, block_size),)
     meta = dict(meta, BLOCK_SIZE=block_size, num_warps=num_warps, enable_fp_fusion=False)
     dense_out = make_contiguous or _is_dense(shape, strides[3])
+    # Per-sample noise is keyed by each element's logical (row-major) index within its sample, which the flat kernel
+    # sees only when the shared layout is row-major: other layouts (channels-last) take the strided kernel, so a
+    # sample's noise never depends on the memory format.
+    row_major = (
+        sizes[1] == sizes[2] == 1
+        and (sizes[3] == 1 or stride_out[3] == 1)
+        and (batch == 1 or stride_out[0] == sizes[3])
+    )
     if (
         stride_mo == stride_s == stride_n == stride_out
         and dense_out
         and (batch == 1 or stride_out[0] * batch == numel)
+        and (row_major or meta["NOISE_MODE"] not in PER_SAMPLE_NOISE_MODES)
     ):
         kernel, layout_args = ddim_step_flat_kernel, (numel, numel // batch)
     else:
@@ -185,6 +198,7 @@ def launch_ddim_step(
     use_clipped_model_output: bool,
     out_dtype: torch.dtype,
     traceable: bool = True,
+    noise_seeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused DDIM update on a CUDA (or, under ``TRITON_INTERPRET=1``, CPU) tensor. Returns (prev, x_0).
 
@@ -205,6 +219,9 @@ def launch_ddim_step(
             registered op does). ``False`` launches eagerly, through the cached launch plan and, on CUDA, the
             compiled kernel's launcher: the wrapper's higher-order-op dispatch costs hundreds of microseconds of
             host time per call (measured on an H100 host, torch 2.11).
+        noise_seeds: int64 [B] Philox keys, one per batch entry, on the device; with ``add_noise`` (and no
+            ``seed``), element j of sample b gets the normal ``keyed_normals4(noise_seeds[b], t_b, j // 4)[j % 4]``
+            (``fastddim/kernels/ddim_step.py``): it depends on the sample's key, its timestep and j only.
     """
     prev_sample = torch.empty_like(sample, dtype=out_dtype)
     pred_original = torch.empty_like(sample, dtype=out_dtype)
@@ -215,6 +232,10 @@ def launch_ddim_step(
 
     if add_noise and seed is not None:
         noise_mode = NOISE_PHILOX
+    elif add_noise and noise_seeds is not None:
+        row_numel = numel // shape[0] if len(shape) else numel
+        noise_mode = NOISE_PHILOX_PER_SAMPLE if row_numel % 4 == 0 else NOISE_PHILOX_PER_SAMPLE_RAGGED
+        seed = noise_seeds
     elif add_noise and noise is not None:
         noise_mode = NOISE_TENSOR
         noise = noise.expand_as(sample)
@@ -263,7 +284,7 @@ def launch_ddim_step(
         pred_original,
         coef_table,
         timestep_tensor if timestep_tensor is not None else placeholder,
-        seed if noise_mode == NOISE_PHILOX else placeholder,
+        seed if noise_mode == NOISE_PHILOX or noise_mode in PER_SAMPLE_NOISE_MODES else placeholder,
         threshold_scale if threshold_scale is not None else placeholder,
     )
     scalars = (timestep, coef_table.shape[0], clip_sample_range, *plan.layout_args)

@@ -9,8 +9,10 @@ plus ``cuda_graph``. Differences:
 - On CUDA the loop (every UNet call and every fused step) is captured once per configuration and replayed. Timesteps
   reach the UNet and the step as device tensors, so nothing in the loop is created from Python numbers.
 - Step noise for eta > 0: with a ``generator`` the per-step noises are drawn up front in diffusers' order (same images
-  as diffusers); without one the fused kernel draws them in-kernel from torch's default CUDA generator, so each
-  replay gets fresh noise and ``torch.manual_seed`` makes runs reproducible.
+  as diffusers); with ``seeds`` on the Triton backend (CUDA) the fused kernel draws each image's noise from Philox
+  keyed by its seed, with the step's timestep in the counter (``DDIMScheduler.step``'s ``noise_seeds``); without
+  either the fused kernel draws them in-kernel from torch's default CUDA generator, so each replay gets fresh noise
+  and ``torch.manual_seed`` makes runs reproducible.
 
 No ``from __future__ import annotations``: diffusers 0.33-0.36 loaders read ``__init__``'s annotations as objects.
 """
@@ -29,7 +31,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from fastddim import graphs
 from fastddim.graphs import DEFAULT_CUDA_GRAPH_CACHE_SIZE, CudaGraphCacheInfo, CudaGraphCacheMixin, StepInput
 from fastddim.scheduler import DDIMScheduler, selected_backend
-from fastddim.seeds import seed_generators
+from fastddim.seeds import check_seeds, seed_generators
+from fastddim.stepping import backend_for
 from fastddim.utils import normalize_device
 
 logger = logging.get_logger(__name__)
@@ -99,10 +102,13 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
             latents (`torch.Tensor`, *optional*): the initial noise x_T, (B, C, H, W) as the UNet takes it (e.g. from
                 `invert`), instead of drawing it; B sets the batch size (``batch_size`` must then be 1 or B). A
                 ``generator`` then draws only the step noises (eta > 0). The tensor is not modified.
-            seeds (`list[int]`, *optional*): one image per seed, each drawn from its own CPU generator seeded with it
-                (initial and step noise), so an image depends on its seed only, not on the batch it is drawn in (up
-                to the UNet's batch-size rounding). Sets the batch size (``batch_size`` must be 1 or
-                ``len(seeds)``); not with ``generator``. See `fastddim.seeds`.
+            seeds (`list[int]`, *optional*): one image per seed, so an image depends on its seed only, not on the
+                batch it is drawn in (up to the UNet's batch-size rounding). Its initial noise comes from a CPU
+                generator seeded with it. For eta > 0 its step noise is keyed by (seed, step): on the Triton backend
+                (CUDA) drawn inside the fused kernel from Philox keyed by the seed, with no host work per step and
+                one captured graph for any seeds; on the torch backend (CPU) the same generator's next draws. The
+                two backends draw different (each self-consistent) step noise. Sets the batch size (``batch_size``
+                must be 1 or ``len(seeds)``); not with ``generator``. See `fastddim.seeds`.
 
         Returns:
             `ImagePipelineOutput` or `tuple`: the images, or a 1-tuple holding them.
@@ -112,6 +118,7 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
         if seeds is not None:
             if generator is not None:
                 raise ValueError("pass either generator or seeds, not both")
+            seeds = check_seeds(seeds)
             generator = seed_generators(seeds)
             if batch_size not in (1, len(generator)):
                 raise ValueError(f"batch_size must be 1 or len(seeds) = {len(generator)} with seeds, got {batch_size}")
@@ -155,15 +162,33 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
 
         eta = float(eta)
         clipped = bool(use_clipped_model_output)
+        noise_seeds = None
+        if seeds is not None and eta > 0 and self._draws_keyed_noise(image):
+            # The generators drew x_T; each step's noise is keyed by (seed, timestep) inside the fused kernel.
+            noise_seeds = torch.tensor(seeds, dtype=torch.int64)
+            if device.type == "cuda":
+                # From pinned memory the copy is asynchronous: a call from device latents never waits on the host.
+                noise_seeds = noise_seeds.pin_memory()
+            noise_seeds = noise_seeds.to(device, non_blocking=True)
+            generator = None
         if use_graph:
             # Host timesteps: a captured graph keeps its own device copy, so a replay needs no host-to-device copy.
             self.scheduler.set_timesteps(num_inference_steps)
-            image = self._sample_graphed(image, generator, eta, clipped, device)
+            image = self._sample_graphed(image, generator, eta, clipped, device, noise_seeds)
         else:
             # Device timesteps: the UNet and the fused step read them there, with no host sync.
             self.scheduler.set_timesteps(num_inference_steps, device=device)
             timesteps = list(self.scheduler.timesteps)
-            image = self._denoise(image, timesteps, eta, clipped, generator=generator, noises=None, progress=True)
+            image = self._denoise(
+                image,
+                timesteps,
+                eta,
+                clipped,
+                generator=generator,
+                noises=None,
+                progress=True,
+                noise_seeds=noise_seeds,
+            )
 
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
@@ -267,6 +292,10 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
             cached = self._cached_inverse_scheduler = (key, inverse_class.from_config(config))
         return cached[1]
 
+    def _draws_keyed_noise(self, sample: torch.Tensor) -> bool:
+        """Whether ``seeds`` key the step noise in the fused kernel: a fastddim scheduler on the Triton backend."""
+        return isinstance(self.scheduler, DDIMScheduler) and backend_for(sample) == "triton"
+
     def _sample_shape(self) -> tuple[int, ...]:
         """(C, H, W) of one sample, from the UNet's config."""
         sample_size = self.unet.config.sample_size
@@ -294,8 +323,11 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None,
         noises: list[torch.Tensor] | None,
         progress: bool,
+        noise_seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The sampling loop shared by eager runs, warm-up and capture: x_T -> x_0 over ``timesteps``."""
+        # Passed only when set: a scheduler swapped in after construction may not take it.
+        keyed = {} if noise_seeds is None else {"noise_seeds": noise_seeds}
         steps = range(len(timesteps))
         for i in self.progress_bar(steps) if progress else steps:
             t = timesteps[i]
@@ -308,6 +340,7 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
                 use_clipped_model_output=use_clipped_model_output,
                 generator=generator if noises is None else None,
                 variance_noise=None if noises is None else noises[i],
+                **keyed,
             ).prev_sample
         return sample
 
@@ -318,12 +351,18 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
         eta: float,
         use_clipped_model_output: bool,
         device: torch.device,
+        noise_seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Runs the loop through the graph cache: replay, capture on a miss, or eager where capture failed."""
         scheduler = self.scheduler
         timesteps = scheduler.timesteps
         num_steps = timesteps.shape[0]
         exact_noise = eta > 0 and generator is not None
+        keyed_noise = noise_seeds is not None
+        inputs = {"sample": image}
+        if keyed_noise:
+            # A per-call input: new seeds are copied into the graph's static buffer and replay the same graph.
+            inputs["noise_seeds"] = noise_seeds
         step_inputs = {}
         if exact_noise:
             shape, dtype = tuple(image.shape), image.dtype
@@ -351,6 +390,7 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
                 generator=None,
                 noises=None if noises is None else noises[:steps],
                 progress=False,
+                noise_seeds=buffers.inputs.get("noise_seeds"),
             )
 
         config = tuple(sorted((name, repr(value)) for name, value in scheduler.config.items()))
@@ -359,10 +399,10 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
             device=device,
             modules=(self.unet,),
             timesteps=timesteps,
-            inputs={"sample": image},
+            inputs=inputs,
             step_inputs=step_inputs,
             body=body,
-            uses_rng=eta > 0 and not exact_noise,
+            uses_rng=eta > 0 and not exact_noise and not keyed_noise,
             keep_alive=keep_alive,
             unsupported=unsupported,
         )
@@ -370,10 +410,17 @@ class DDIMPipeline(CudaGraphCacheMixin, DiffusionPipeline):
             # Device timesteps only here: the upload would cost every replay a host sync.
             step_timesteps = list(timesteps.to(device))
             return self._denoise(
-                image, step_timesteps, eta, use_clipped_model_output, generator=generator, noises=None, progress=True
+                image,
+                step_timesteps,
+                eta,
+                use_clipped_model_output,
+                generator=generator,
+                noises=None,
+                progress=True,
+                noise_seeds=noise_seeds,
             )
         with self.progress_bar(total=num_steps) as bar:
-            images = loop.replay({"sample": image}, step_inputs)
+            images = loop.replay(inputs, step_inputs)
             bar.update(num_steps)
         return images
 

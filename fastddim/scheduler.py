@@ -36,6 +36,7 @@ from fastddim.stepping import (
     BACKEND_ENV_VAR,
     BACKENDS,
     backend_for,
+    check_noise_seeds,
     check_sample_pair,
     is_int,
     is_real,
@@ -330,6 +331,8 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         generator: torch.Generator | list[torch.Generator] | None = None,
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
+        *,
+        noise_seeds: torch.Tensor | None = None,
     ) -> DDIMSchedulerOutput | tuple:
         """Predicts x_{t-1} from x_t and the model output, DDIM eqs. (12) and (16).
 
@@ -357,6 +360,13 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
                 default CUDA generator, so ``torch.manual_seed`` makes runs reproducible); CPU steps draw it with
                 ``torch.randn`` as diffusers does.
             return_dict (`bool`, defaults to `True`): return a `DDIMSchedulerOutput` instead of a tuple.
+            noise_seeds (`torch.Tensor`, *optional*, keyword only): fastddim only. An int64 tensor of shape (B,) on
+                the samples' device, one seed per sample: with eta > 0 the fused kernel draws sample b's noise from
+                Philox keyed by ``noise_seeds[b]``, with this step's timestep in the counter, so it depends on that
+                seed and timestep only, never on the batch size or the sample's place in the batch (no host sync,
+                new seeds need no new CUDA graph). Not with ``generator`` or ``variance_noise``. Triton backend
+                only: the torch backend (CPU tensors) raises a ValueError; there, one CPU generator per sample
+                keeps the same promise with a different random stream.
 
         Returns:
             `DDIMSchedulerOutput` or `tuple`: (prev_sample, pred_original_sample).
@@ -395,6 +405,8 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         backend = self._backend_for(sample)
         timestep_int, timestep_tensor, promote = resolve_timestep(timestep, sample, self._check_timestep_range)
         out_dtype = torch.float32 if promote and sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
+        if noise_seeds is not None:
+            noise_seeds = check_noise_seeds(noise_seeds, sample, backend, generator, variance_noise)
         noise = step_noise(eta, generator, variance_noise, model_output)
         prev_sample, pred_original = run_step(
             self.coefficient_table,
@@ -412,6 +424,7 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
             use_clipped_model_output=bool(use_clipped_model_output),
             noise=noise,
             out_dtype=out_dtype,
+            noise_seeds=noise_seeds,
         )
         if not return_dict:
             return (prev_sample, pred_original)

@@ -1,13 +1,18 @@
 """Seed-addressed sampling: seed lists, one CPU generator per image, and how ranks share the seeds.
 
-The contract: image ``s`` is drawn from ``torch.Generator("cpu").manual_seed(s)`` alone. Its initial noise is that
-generator's first draw and, for eta > 0, step ``k``'s noise is its ``k + 1``-th draw (the order diffusers'
-``randn_tensor`` uses for a generator list), on the CPU and copied to the device. An image therefore depends only on
-its seed and the sampling settings, never on the batch size, the number of processes or which process drew it (up
-to the UNet's own batch-size rounding, see `fastddim.DDIMPipeline`'s ``seeds`` argument).
+The contract: image ``s`` depends only on its seed and the sampling settings, never on the batch size, the number of
+processes or which process drew it (up to the UNet's own batch-size rounding, see `fastddim.DDIMPipeline`'s ``seeds``
+argument). Its initial noise is the first draw of ``torch.Generator("cpu").manual_seed(s)``. For eta > 0 each step's
+noise is keyed by (seed, step):
 
-On CUDA this costs a CPU draw of every noise element (x_T, and each step's noise when eta > 0) and one host-to-device
-copy per call; the captured loop itself is unchanged.
+- Triton backend (CUDA): drawn inside the fused step kernel from Philox keyed by ``s``, with the step's timestep in
+  the counter (``DDIMScheduler.step``'s ``noise_seeds``): no host work per step, and new seeds replay the same
+  captured graph.
+- torch backend (CPU): step ``k``'s noise is the generator's ``k + 1``-th draw (the order diffusers' ``randn_tensor``
+  uses for a generator list).
+
+The two backends draw different step noise, each self-consistent: an image sampled with eta > 0 on a GPU does not
+equal the one sampled on the CPU. x_T costs a CPU draw and one host-to-device copy per call.
 """
 
 from __future__ import annotations

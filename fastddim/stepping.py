@@ -128,6 +128,37 @@ def step_noise(
     return None
 
 
+def check_noise_seeds(
+    noise_seeds: object,
+    sample: torch.Tensor,
+    backend: str,
+    generator: object,
+    variance_noise: object,
+) -> torch.Tensor:
+    """Validates ``step``'s ``noise_seeds``: an int64 (B,) tensor on the samples' device, on the Triton backend,
+    without ``generator`` or ``variance_noise``. Returns it."""
+    if generator is not None or variance_noise is not None:
+        other = "generator" if generator is not None else "variance_noise"
+        raise ValueError(f"pass at most one of noise_seeds and {other}: each chooses the step noise")
+    if not isinstance(noise_seeds, torch.Tensor) or noise_seeds.dtype != torch.int64:
+        described = noise_seeds.dtype if isinstance(noise_seeds, torch.Tensor) else type(noise_seeds).__name__
+        raise TypeError(f"noise_seeds must be an int64 torch.Tensor of one seed per sample, got {described}")
+    batch = sample.shape[0]
+    if tuple(noise_seeds.shape) != (batch,):
+        raise ValueError(
+            f"noise_seeds must have shape ({batch},), one seed per sample, got {tuple(noise_seeds.shape)}"
+        )
+    if noise_seeds.device != sample.device:
+        raise ValueError(f"noise_seeds must be on the sample's device {sample.device}, got {noise_seeds.device}")
+    if backend != "triton":
+        raise ValueError(
+            "noise_seeds draws the step noise inside the fused Triton kernel, which steps CUDA tensors (and CPU"
+            f" tensors with TRITON_INTERPRET=1 and {BACKEND_ENV_VAR}=triton); on the torch backend pass one generator"
+            " per sample instead: generator=[torch.Generator().manual_seed(s) for s in seeds]"
+        )
+    return noise_seeds
+
+
 def run_step(
     table_for: Callable[[torch.device | str, float], torch.Tensor],
     model_output: torch.Tensor,
@@ -145,6 +176,7 @@ def run_step(
     use_clipped_model_output: bool,
     noise: torch.Tensor | None,
     out_dtype: torch.dtype,
+    noise_seeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused step on ``backend`` from the coefficient table ``table_for(device, eta)``: (prev, x_0).
 
@@ -156,12 +188,20 @@ def run_step(
       (``fastddim.autograd``). Thresholded steps that autograd records run the twin instead, on the same device
       and with per-sample rows gathered there (no host sync): the scale's gradient follows ``torch.quantile``'s,
       which the twin's ``kthvalue`` + ``lerp`` reproduces.
+
+    ``noise_seeds`` (int64 (B,), checked by ``check_noise_seeds``) keys each sample's in-kernel noise; the twin has
+    no such noise, so the paths that run it refuse them.
     """
     add_noise = eta > 0
     needs_grad = torch.is_grad_enabled() and (
         model_output.requires_grad or sample.requires_grad or (noise is not None and noise.requires_grad)
     )
     if backend == "torch" or (needs_grad and thresholding is not None):
+        if add_noise and noise_seeds is not None:
+            raise ValueError(
+                "noise_seeds needs the fused kernel, which does not record thresholded steps for autograd: pass"
+                " variance_noise, or step under torch.no_grad()"
+            )
         if add_noise and noise is None:
             noise = randn_tensor(
                 model_output.shape, generator=None, device=model_output.device, dtype=model_output.dtype
@@ -198,7 +238,7 @@ def run_step(
 
     table = table_for(sample.device, eta)
     seed = None
-    if add_noise and noise is None:
+    if add_noise and noise is None and noise_seeds is None:
         # Drawn by a device op from the default generator: reproducible under torch.manual_seed and advanced on
         # every CUDA-graph replay, so replays get fresh noise.
         seed = torch.randint(0, 2**62, (1,), device=sample.device, dtype=torch.int64)
@@ -237,6 +277,7 @@ def run_step(
         use_clipped_model_output,
         out_dtype,
         traceable=compiling,
+        noise_seeds=noise_seeds if add_noise else None,
     )
 
 

@@ -117,6 +117,23 @@ def _step_cases() -> dict:
         ),
         {"flat": False},
     )
+    # Per-sample keyed noise (noise_seeds): grouped Philox calls (rows of 4096) and one call per element (rows of 105,
+    # numel still a multiple of 16), and channels-last samples, which take the strided kernel.
+    ragged = torch.randn(16, 3, 5, 7, generator=generator).to(torch.float16)
+    flags = (None, None, None, True, 0, True, 1.0, False, torch.float16)
+    cases["flat-per-sample-noise"] = (
+        (x, x, table, timestep, 0, *flags, {"noise_seeds": seed.repeat(2)}),
+        {"flat": True, "philox": True},
+    )
+    cases["flat-per-sample-noise-ragged-rows"] = (
+        (ragged, ragged, table, timestep, 0, *flags, {"noise_seeds": seed.repeat(16)}),
+        {"flat": True, "philox": True},
+    )
+    channels_last = x.to(memory_format=torch.channels_last)
+    cases["strided-per-sample-noise-channels-last"] = (
+        (channels_last, channels_last, table, timestep, 0, *flags, {"noise_seeds": seed.repeat(2)}),
+        {"flat": False, "philox": True},
+    )
     return cases
 
 
@@ -169,7 +186,9 @@ def _capture(launcher_name: str, module, kernel_names: tuple[str, ...], args: tu
         for name, kernel in originals.items():
             setattr(module, name, CapturedLaunch(kernel, launches))
         if launcher_name == "step":
-            module.launch_ddim_step(*args, traceable=False)
+            # A trailing dict holds keyword arguments (noise_seeds).
+            *positional, keywords = args if isinstance(args[-1], dict) else (*args, {})
+            module.launch_ddim_step(*positional, traceable=False, **keywords)
         elif launcher_name == "backward":
             module.launch_ddim_step_backward(*args, traceable=False)
         else:

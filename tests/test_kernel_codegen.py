@@ -1,4 +1,4 @@
-"""The kernels' GPU code, checked without a GPU: 23 variants (every dtype, layout path, noise mode, threshold path,
+"""The kernels' GPU code, checked without a GPU: 26 variants (every dtype, layout path, noise mode, threshold path,
 per-sample timesteps and the step's backward kernel) compile for A100 (sm_80) and H100 (sm_90), and the PTX has the properties the design relies on.
 ``tests/codegen_probe.py`` compiles through the real launchers in a subprocess (compilation needs
 ``TRITON_INTERPRET`` unset, which this process has set when CUDA is absent).

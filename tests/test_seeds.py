@@ -163,7 +163,8 @@ def test_seeds_through_the_graph_path_on_the_cpu(elementwise_pipe, stand_in_grap
 @pytest.mark.gpu
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_seeds_in_the_captured_loop_do_not_depend_on_the_batch(eta):
-    """On CUDA the per-seed CPU generators feed the captured loop: noise bit for bit at batch 1, 7 and 64."""
+    """On CUDA x_T comes from the per-seed CPU generators and the step noise is keyed by seed in the kernel: bit for
+    bit at batch 1, 7 and 64."""
     seeds = list(range(100, 164))
     exact = fastddim.DDIMPipeline(unet=make_unet(ElementwiseUNet), scheduler=fastddim.DDIMScheduler()).to("cuda")
     real = fastddim.DDIMPipeline(unet=make_unet(), scheduler=fastddim.DDIMScheduler()).to("cuda")

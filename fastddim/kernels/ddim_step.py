@@ -47,16 +47,34 @@ TIMESTEP_SCALAR = tl.constexpr(0)
 TIMESTEP_POINTER = tl.constexpr(1)
 TIMESTEP_PER_SAMPLE = tl.constexpr(2)
 
-# NOISE_MODE values.
+# NOISE_MODE values. The two per-sample modes draw the same numbers (element j of sample b takes component j % 4 of
+# ``keyed_normals4(seed_b, t, j // 4)``); they differ in how: one Philox call per four elements where every sample's
+# size is a multiple of 4 (four consecutive elements then always share a sample and a call), one per element otherwise.
 NOISE_NONE = tl.constexpr(0)
 NOISE_TENSOR = tl.constexpr(1)
 NOISE_PHILOX = tl.constexpr(2)
+NOISE_PHILOX_PER_SAMPLE = tl.constexpr(3)
+NOISE_PHILOX_PER_SAMPLE_RAGGED = tl.constexpr(4)
+
+# Philox counter word 3 of the per-sample noise: keeps its streams apart from NOISE_PHILOX's (word 3 = 0 there).
+PER_SAMPLE_NOISE_STREAM = tl.constexpr(1)
 
 
 @triton.jit
 def load_coefficient(coef_row_ptr, column: tl.constexpr, row_valid):
     # An out-of-range device timestep cannot raise without a host sync; NaN coefficients make it visible instead.
     return tl.load(coef_row_ptr + column, mask=row_valid, other=float("nan"))
+
+
+@triton.jit
+def load_timestep(timestep_ptr, timestep, batch, TIMESTEP_FROM_PTR: tl.constexpr):
+    """The int64 timestep(s) of this step: the argument, element 0 of ``timestep_ptr``, or element ``batch`` of it."""
+    if TIMESTEP_FROM_PTR == TIMESTEP_PER_SAMPLE:
+        return tl.load(timestep_ptr + batch).to(tl.int64)
+    elif TIMESTEP_FROM_PTR:
+        return tl.load(timestep_ptr).to(tl.int64)
+    else:
+        return tl.full((), timestep, tl.int64)
 
 
 @triton.jit
@@ -72,12 +90,7 @@ def coefficient_row(
 
     With TIMESTEP_PER_SAMPLE and a block of batch indices, both are blocks: every element gathers its own row.
     """
-    if TIMESTEP_FROM_PTR == TIMESTEP_PER_SAMPLE:
-        t = tl.load(timestep_ptr + batch).to(tl.int64)
-    elif TIMESTEP_FROM_PTR:
-        t = tl.load(timestep_ptr).to(tl.int64)
-    else:
-        t = tl.full((), timestep, tl.int64)
+    t = load_timestep(timestep_ptr, timestep, batch, TIMESTEP_FROM_PTR)
     row_valid = (t >= 0) & (t < num_train_timesteps)
     t = tl.where(row_valid, t, 0)
     return coef_table_ptr + t * NUM_COEFS, row_valid
@@ -127,6 +140,61 @@ def _epsilon_from_pred_original(sample, pred_original, coef_row_ptr, row_valid, 
 
 
 @triton.jit
+def keyed_normals4(seed, timestep, counter):
+    """Four standard normals from Philox4x32-10 with key ``seed`` and counter (counter, timestep, stream tag).
+
+    Args: int64 blocks of one shape (or scalars that broadcast to it): the per-sample seed, the step's timestep
+    (unique within a schedule, so it names the step without a step index frozen into a captured graph) and the
+    element group's counter. The Box-Muller transform is tl.randn4x's.
+    """
+    c0 = counter.to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    c2 = c0 * 0 + timestep.to(tl.uint32)
+    c3 = c0 * 0 + PER_SAMPLE_NOISE_STREAM
+    i1, i2, i3, i4 = tl.philox(seed, c0, c1, c2, c3)
+    n1, n2 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i1), tl.uint_to_uniform_float(i2))
+    n3, n4 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i3), tl.uint_to_uniform_float(i4))
+    return n1, n2, n3, n4
+
+
+@triton.jit
+def per_sample_noise(
+    seed_ptr,  # int64 [B]: the Philox key of each sample
+    timestep_ptr,
+    timestep,
+    pid,
+    idx,  # [BLOCK_SIZE] int64 logical (row-major) element index
+    batch,  # [BLOCK_SIZE] int64 batch index of each element (clamped into [0, B))
+    numel,
+    row_numel,
+    NOISE_MODE: tl.constexpr,
+    TIMESTEP_FROM_PTR: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """z of eq. (12) for a block of elements: element j of sample b is component j % 4 of
+    ``keyed_normals4(seed_b, t_b, j // 4)``, so it depends on (seed_b, t_b, j) only: not on the batch size, the
+    sample's position in the batch, BLOCK_SIZE or the grid."""
+    if NOISE_MODE == NOISE_PHILOX_PER_SAMPLE:
+        # row_numel and BLOCK_SIZE are multiples of 4: the four elements from a multiple of 4 share a sample and a
+        # counter, so one Philox call serves them (as in NOISE_PHILOX).
+        first = pid * BLOCK_SIZE + 4 * tl.arange(0, BLOCK_SIZE // 4).to(tl.int64)  # [BLOCK_SIZE // 4]
+        group_batch = tl.minimum(first, numel - 1) // row_numel
+        seed = tl.load(seed_ptr + group_batch)
+        t = load_timestep(timestep_ptr, timestep, group_batch, TIMESTEP_FROM_PTR)
+        n1, n2, n3, n4 = keyed_normals4(seed, t, (first - group_batch * row_numel) // 4)
+        # join stacks along a new last axis: this nesting flattens to n1, n2, n3, n4 per group.
+        return tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), (BLOCK_SIZE,))
+    else:
+        # A sample may start mid-group: each element runs its own group's Philox call and keeps its component.
+        seed = tl.load(seed_ptr + batch)
+        t = load_timestep(timestep_ptr, timestep, batch, TIMESTEP_FROM_PTR)
+        j = idx - batch * row_numel
+        n1, n2, n3, n4 = keyed_normals4(seed, t, j // 4)
+        component = j % 4
+        return tl.where(component == 0, n1, tl.where(component == 1, n2, tl.where(component == 2, n3, n4)))
+
+
+@triton.jit
 def element_offsets(
     idx,  # [BLOCK_SIZE] int64 logical (row-major) element index
     size1,
@@ -162,12 +230,16 @@ def _ddim_update(
     num_train_timesteps,
     clip_sample_range,
     pid,  # int64 program id
+    idx,  # [BLOCK_SIZE] int64 logical element index
+    numel,
+    row_numel,  # elements per batch entry
     mask,  # [BLOCK_SIZE] element in range
     off_mo,  # [BLOCK_SIZE] int64 memory offsets of this block's elements in each tensor
     off_s,
     off_n,
     off_out,
-    batch,  # [BLOCK_SIZE] int64 batch index of each element, in [0, B) (read with THRESHOLD or per-sample timesteps)
+    batch,  # [BLOCK_SIZE] int64 batch index of each element, in [0, B) (read with THRESHOLD, per-sample timesteps or
+    # per-sample noise)
     PREDICTION_TYPE: tl.constexpr,
     CLIP_SAMPLE: tl.constexpr,
     THRESHOLD: tl.constexpr,
@@ -236,6 +308,21 @@ def _ddim_update(
         noise_0, noise_1, noise_2, noise_3 = tl.randn4x(seed, counter)
         noise = tl.reshape(tl.join(tl.join(noise_0, noise_1), tl.join(noise_2, noise_3)), (BLOCK_SIZE,))
         prev_sample = prev_sample + std_dev_t * noise
+    elif NOISE_MODE >= NOISE_PHILOX_PER_SAMPLE:  # either per-sample mode (Triton's compiler has no `in`)
+        noise = per_sample_noise(
+            seed_ptr,
+            timestep_ptr,
+            timestep,
+            pid,
+            idx,
+            batch,
+            numel,
+            row_numel,
+            NOISE_MODE,
+            TIMESTEP_FROM_PTR,
+            BLOCK_SIZE,
+        )
+        prev_sample = prev_sample + std_dev_t * noise
 
     tl.store(prev_sample_ptr + off_out, prev_sample.to(prev_sample_ptr.dtype.element_ty), mask=mask)
     tl.store(pred_original_ptr + off_out, pred_original.to(pred_original_ptr.dtype.element_ty), mask=mask)
@@ -277,7 +364,7 @@ def ddim_step_flat_kernel(
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE).to(tl.int64)  # [BLOCK_SIZE]
     # Clamped so that the masked-off tail of the last block reads a valid per-sample timestep.
-    per_row = THRESHOLD or TIMESTEP_FROM_PTR == TIMESTEP_PER_SAMPLE
+    per_row = THRESHOLD or TIMESTEP_FROM_PTR == TIMESTEP_PER_SAMPLE or NOISE_MODE == NOISE_PHILOX_PER_SAMPLE_RAGGED
     batch = tl.minimum(idx, numel - 1) // row_numel if per_row else idx
     _ddim_update(
         model_output_ptr,
@@ -293,6 +380,9 @@ def ddim_step_flat_kernel(
         num_train_timesteps,
         clip_sample_range,
         pid,
+        idx,
+        numel,
+        row_numel,
         idx < numel,
         idx,
         idx,
@@ -320,7 +410,7 @@ def ddim_step_kernel(
     pred_original_ptr,  # [B, D1, D2, D3] output x_0, same strides as prev_sample
     coef_table_ptr,  # [num_train_timesteps, NUM_COEFS] fp32
     timestep_ptr,  # integer scalar when TIMESTEP_FROM_PTR, [B] for TIMESTEP_PER_SAMPLE
-    seed_ptr,  # int64 [1] Philox seed when NOISE_MODE == NOISE_PHILOX
+    seed_ptr,  # int64 [1] Philox seed for NOISE_PHILOX; int64 [B], one key per sample, for the per-sample modes
     threshold_scale_ptr,  # fp32 [B] dynamic-threshold s per sample when THRESHOLD
     # Scalars
     timestep,
@@ -376,13 +466,16 @@ def ddim_step_kernel(
         num_train_timesteps,
         clip_sample_range,
         pid,
+        idx,
+        numel,
+        size1 * size2 * size3,
         idx < numel,
         element_offsets(idx, size1, size2, size3, stride_mo0, stride_mo1, stride_mo2, stride_mo3),
         element_offsets(idx, size1, size2, size3, stride_s0, stride_s1, stride_s2, stride_s3),
         element_offsets(idx, size1, size2, size3, stride_n0, stride_n1, stride_n2, stride_n3),
         element_offsets(idx, size1, size2, size3, stride_out0, stride_out1, stride_out2, stride_out3),
         tl.minimum(idx, numel - 1) // (size1 * size2 * size3)
-        if THRESHOLD or TIMESTEP_FROM_PTR == TIMESTEP_PER_SAMPLE
+        if THRESHOLD or TIMESTEP_FROM_PTR == TIMESTEP_PER_SAMPLE or NOISE_MODE == NOISE_PHILOX_PER_SAMPLE_RAGGED
         else idx,
         PREDICTION_TYPE,
         CLIP_SAMPLE,

@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--model",
         metavar="DIR",
-        help="a diffusers pipeline folder (model_index.json, unet/, scheduler/) or a UNet2DModel folder "
-        "(config.json + weights); default: the embedded digits model",
+        help="a diffusers pipeline folder (model_index.json, unet/, scheduler/), a UNet2DModel folder "
+        "(config.json + weights), or a Stable Diffusion / SDXL folder (with --prompt); default: the embedded "
+        "digits model",
     )
     sample.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
     sample.add_argument(
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"under torchrun, how long a rank waits for the others before the job fails (default: {DEFAULT_TIMEOUT_S:g})",
     )
+    from fastddim import sd_command
+
+    sd_command.add_arguments(sample)
 
     interpolate = commands.add_parser(
         "interpolate",

@@ -226,15 +226,18 @@ def _prepare(
     dtype: torch.dtype,
 ) -> _Job:
     """Everything that can fail before sampling: the model, the settings, the output folder's state."""
+    from fastddim import sd_command
     from fastddim.sample_folder import FolderRefused, SampleFolder
 
-    pipe, model_about = load_pipeline(args.model, device, dtype)
+    # A Stable Diffusion folder loads there (with its prompt options); None for every other model.
+    loaded = sd_command.load_if_prompted(args, device, dtype, team.rank)
+    pipe, model_about = loaded or load_pipeline(args.model, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     train_steps = pipe.scheduler.config.num_train_timesteps
     if args.steps > train_steps:
         raise UsageError(f"--steps {args.steps}: the model was trained with {train_steps} timesteps; use at most that")
     if target.kind == "grid":
-        _check_grid_size(len(seeds), pipe.unet, args.scale or GRID_SCALE)
+        _check_grid_size(len(seeds), pipe, args.scale or GRID_SCALE)
     if args.threads is not None and team.rank == 0:
         cores = _available_cores()
         if args.threads > cores:
@@ -288,6 +291,8 @@ def _pixel_settings(
         "device_type": device.type,
         "cuda_graph": device.type == "cuda" and not args.no_cuda_graph,
         "versions": {"fastddim": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
+        # A Stable Diffusion sampler's prompt, guidance, size, init image and whole-model hash.
+        **(pipe.pixel_settings() if hasattr(pipe, "pixel_settings") else {}),
     }
 
 
@@ -438,7 +443,7 @@ def _check_writable(folder: pathlib.Path, text: str) -> None:
         raise UsageError(f"--out {text}: {ancestor} is not writable")
 
 
-def _unet_folder_sha256(folder: pathlib.Path) -> str:
+def folder_sha256(folder: pathlib.Path) -> str:
     """A hash of a UNet folder's files (names and contents: config and weights), which identifies the model."""
     import hashlib
 
@@ -497,7 +502,7 @@ def load_pipeline(model: str | None, device: torch.device, dtype: torch.dtype) -
         else:
             scheduler = DDIMScheduler()
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise UsageError(f"--model {folder}: cannot load it ({_load_error_text(exc)})") from None
+        raise UsageError(f"--model {folder}: cannot load it ({load_error_text(exc)})") from None
     problems = [
         f"{len(loading[key])} {what} (e.g. {sorted(loading[key])[0]!r})"
         for key, what in (
@@ -512,11 +517,11 @@ def load_pipeline(model: str | None, device: torch.device, dtype: torch.dtype) -
 
     pipe = DDIMPipeline(unet=unet, scheduler=scheduler).to(device)
     pipe.unet.eval()
-    about = {"path": str(folder.resolve()), "unet_files_sha256": _unet_folder_sha256(unet_folder)}
+    about = {"path": str(folder.resolve()), "unet_files_sha256": folder_sha256(unet_folder)}
     return pipe, about
 
 
-def _load_error_text(exc: BaseException) -> str:
+def load_error_text(exc: BaseException) -> str:
     # load_state_dict lists every mismatch after a heading line: the first mismatch says more than the heading.
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     for line in lines:
@@ -525,9 +530,11 @@ def _load_error_text(exc: BaseException) -> str:
     return first_line(exc)
 
 
-def _check_grid_size(count: int, unet: torch.nn.Module, scale: int) -> None:
-    sample_size = unet.config.sample_size
+def _check_grid_size(count: int, pipe: Any, scale: int) -> None:
+    sample_size = pipe.unet.config.sample_size
     height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+    # A Stable Diffusion sampler knows its image size (the UNet's is in latents).
+    height, width = getattr(pipe, "image_size", (height, width))
     grid_width, grid_height = grid_size(count, height, width, scale)
     if grid_width * grid_height > MAX_GRID_PIXELS:
         raise UsageError(

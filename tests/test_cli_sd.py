@@ -1,0 +1,227 @@
+"""``fastddim sample`` on Stable Diffusion / SDXL folders, end to end on the CPU with tiny saved folders.
+
+The reference is diffusers' own pipeline loaded from the same folder (with diffusers' DDIMScheduler), called
+directly with ``generator=torch.Generator("cpu").manual_seed(seed)``: fastddim's pipelines equal it bit for bit in
+fp32 on the CPU, and with ``--batch-size 1`` the CLI runs the same batch of one, so the PNG pixels are equal. A
+larger batch changes only the UNet's batch-size rounding (at most one uint8 level).
+"""
+
+import json
+import shutil
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import fastddim
+from fastddim import cli
+
+pytest.importorskip("transformers")
+from tests.sd_components import sd_components, sdxl_components  # noqa: E402
+
+STEPS = 3
+PROMPT = "a photo of a cat"
+# The tiny VAE downsamples by 2: 8x8 latents are 16x16 images.
+IMAGE_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict:
+    """Saved tiny folders: SD (DDIM scheduler), SD with SD 1.5's PNDM scheduler, SDXL, and SD with text-encoder
+    weights missing."""
+    root = tmp_path_factory.mktemp("sd-folders")
+    sd = diffusers.StableDiffusionPipeline(**sd_components(root / "parts-sd"))
+    sd.save_pretrained(root / "sd")
+    sdxl = diffusers.StableDiffusionXLPipeline(**sdxl_components(root / "parts-sdxl"))
+    sdxl.save_pretrained(root / "sdxl")
+
+    shutil.copytree(root / "sd", root / "pndm")
+    pndm = diffusers.PNDMScheduler.from_config({**sd.scheduler.config, "skip_prk_steps": True})
+    shutil.rmtree(root / "pndm" / "scheduler")
+    pndm.save_pretrained(root / "pndm" / "scheduler")
+    index_path = root / "pndm" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    index_path.write_text(json.dumps(index))
+
+    shutil.copytree(root / "sd", root / "missing")
+    weights = root / "missing" / "text_encoder" / "model.safetensors"
+    state = load_file(weights)
+    save_file({key: value for index, (key, value) in enumerate(state.items()) if index % 4}, weights)
+    return {name: root / name for name in ("sd", "pndm", "sdxl", "missing")}
+
+
+@pytest.fixture(scope="module")
+def init_image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("init") / "init.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def sample(capsys, *args: str) -> tuple[int, list[str]]:
+    status = cli.main(["sample", "--steps", str(STEPS), *args])
+    return status, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def reference(pipe, seeds, **kwargs) -> np.ndarray:
+    """uint8 images of ``pipe`` called once per seed with that seed's generator."""
+    pipe.set_progress_bar_config(disable=True)
+    images = [
+        pipe(
+            generator=torch.Generator("cpu").manual_seed(seed),
+            num_inference_steps=STEPS,
+            output_type="np",
+            **kwargs,
+        ).images[0]
+        for seed in seeds
+    ]
+    return cli.to_uint8(np.stack(images))
+
+
+def grid_tiles(path, count: int, size: int = IMAGE_SIZE) -> np.ndarray:
+    """The tiles of a scale-1, padding-1 grid, in seed order."""
+    grid = np.asarray(Image.open(path))
+    columns = int(np.ceil(np.sqrt(count)))
+    tiles = []
+    for index in range(count):
+        row, col = divmod(index, columns)
+        top, left = row * (size + 1), col * (size + 1)
+        tiles.append(grid[top : top + size, left : left + size])
+    return np.stack(tiles)
+
+
+def folder_images(root, seeds) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(root / "000000" / f"{seed:06d}.png")) for seed in seeds])
+
+
+def test_text2img_grid_and_folder_equal_diffusers(folders, tmp_path, capsys):
+    seeds = [0, 1, 5]
+    options = ["--prompt", PROMPT, "--negative-prompt", "blurry", "--guidance-scale", "6", "--eta", "0.5"]
+    status, err = sample(capsys, "--model", str(folders["sd"]), "--seeds", "0-1,5", "--batch-size", "1",
+                         *options, "--out", str(tmp_path / "grid.png"))  # fmt: skip
+    assert status == 0, err
+    status, err = sample(capsys, "--model", str(folders["sd"]), "--seeds", "0-1,5", "--batch-size", "2",
+                         *options, "--out", str(tmp_path / "folder"))  # fmt: skip
+    assert status == 0, err
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folders["sd"])
+    assert type(pipe.scheduler) is diffusers.DDIMScheduler
+    expected = reference(pipe, seeds, prompt=PROMPT, negative_prompt="blurry", guidance_scale=6.0, eta=0.5)
+    assert expected.shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3) and expected.std() > 0
+    np.testing.assert_array_equal(grid_tiles(tmp_path / "grid.png", 3), expected)
+    # Batches of two: the same images up to the UNet's batch-size rounding.
+    drawn = folder_images(tmp_path / "folder", seeds).astype(int)
+    assert np.abs(drawn - expected).max() <= 1
+    settings = json.loads((tmp_path / "folder" / "settings.json").read_text())["settings"]
+    assert settings["prompt"] == PROMPT and settings["negative_prompt"] == "blurry"
+    assert settings["guidance_scale"] == 6.0 and (settings["height"], settings["width"]) == (16, 16)
+
+
+def test_default_guidance_and_size_options(folders, tmp_path, capsys):
+    status, err = sample(capsys, "--model", str(folders["sd"]), "--seeds", "3", "--prompt", PROMPT,
+                         "--height", "24", "--width", "32", "--out", str(tmp_path / "one.png"))  # fmt: skip
+    assert status == 0, err
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folders["sd"])
+    expected = reference(pipe, [3], prompt=PROMPT, guidance_scale=7.5, height=24, width=32)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "one.png"))[None], expected)
+
+
+def test_img2img_equals_diffusers(folders, init_image, tmp_path, capsys):
+    status, err = sample(capsys, "--model", str(folders["sd"]), "--seeds", "2,4", "--batch-size", "1",
+                         "--prompt", PROMPT, "--init-image", str(init_image), "--strength", "0.7", "--eta", "1",
+                         "--out", str(tmp_path / "img2img.png"))  # fmt: skip
+    assert status == 0, err
+    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folders["sd"])
+    expected = reference(
+        pipe, [2, 4], prompt=PROMPT, image=Image.open(init_image).convert("RGB"), strength=0.7, eta=1.0
+    )
+    np.testing.assert_array_equal(grid_tiles(tmp_path / "img2img.png", 2), expected)
+
+
+def test_sdxl_equals_diffusers(folders, tmp_path, capsys):
+    status, err = sample(capsys, "--model", str(folders["sdxl"]), "--seeds", "0-1", "--batch-size", "1",
+                         "--prompt", PROMPT, "--out", str(tmp_path / "sdxl.npz"))  # fmt: skip
+    assert status == 0, err
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folders["sdxl"])
+    expected = reference(pipe, [0, 1], prompt=PROMPT, guidance_scale=5.0)
+    np.testing.assert_array_equal(cli.to_uint8(np.load(tmp_path / "sdxl.npz")["images"]), expected)
+
+
+def test_non_ddim_scheduler_runs_ddim_on_its_schedule_and_says_so(folders, tmp_path, capsys):
+    status, err = sample(capsys, "--model", str(folders["pndm"]), "--seeds", "0", "--prompt", PROMPT,
+                         "--out", str(tmp_path / "pndm.png"))  # fmt: skip
+    assert status == 0, err
+    assert len(err) == 1 and err[0].startswith("note: ") and "PNDMScheduler" in err[0], err
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folders["pndm"])
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    expected = reference(pipe, [0], prompt=PROMPT)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pndm.png"))[None], expected)
+
+
+def test_resume_refuses_another_prompt(folders, tmp_path, capsys):
+    out = str(tmp_path / "folder")
+    status, err = sample(capsys, "--model", str(folders["sd"]), "--seeds", "0", "--prompt", PROMPT, "--out", out)
+    assert status == 0, err
+    status, err = sample(capsys, "--model", str(folders["sd"]), "--seeds", "0-1", "--prompt", "a dog",
+                         "--out", out, "--resume")  # fmt: skip
+    assert status == 2 and len(err) == 1 and "differing: prompt" in err[0], err
+    status, err = sample(capsys, "--model", str(folders["sd"]), "--seeds", "0-1", "--prompt", PROMPT,
+                         "--out", out, "--resume")  # fmt: skip
+    assert status == 0, err
+    assert sorted(path.name for path in (tmp_path / "folder" / "000000").iterdir()) == ["000000.png", "000001.png"]
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the error should have been raised before sampling")
+
+    for pipeline in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline"):
+        monkeypatch.setattr(getattr(fastddim, pipeline), "__call__", refuse)
+    monkeypatch.setattr(fastddim.DDIMPipeline, "__call__", refuse)
+
+
+ERROR_CASES = {
+    "missing-prompt": (("sd",), "--prompt"),
+    "prompt-for-unconditional-model": ((None, "--prompt", PROMPT), "--prompt"),
+    "guidance-for-unconditional-model": ((None, "--guidance-scale", "3"), "--guidance-scale"),
+    "strength-zero": (("sd", "--prompt", PROMPT, "--init-image", "INIT", "--strength", "0"), "--strength"),
+    "strength-above-one": (("sd", "--prompt", PROMPT, "--init-image", "INIT", "--strength", "1.5"), "--strength"),
+    "strength-not-a-number": (("sd", "--prompt", PROMPT, "--init-image", "INIT", "--strength", "x"), "--strength"),
+    "strength-without-init-image": (("sd", "--prompt", PROMPT, "--strength", "0.5"), "--init-image"),
+    "strength-leaves-no-step": (
+        ("sd", "--prompt", PROMPT, "--init-image", "INIT", "--strength", "0.2"),
+        "no denoising",
+    ),
+    "missing-init-image": (("sd", "--prompt", PROMPT, "--init-image", "ABSENT"), "no such file"),
+    "unreadable-init-image": (("sd", "--prompt", PROMPT, "--init-image", "NOT_AN_IMAGE"), "cannot read it"),
+    "init-image-for-sdxl": (("sdxl", "--prompt", PROMPT, "--init-image", "INIT"), "SDXL"),
+    "negative-guidance": (("sd", "--prompt", PROMPT, "--guidance-scale", "-1"), "--guidance-scale"),
+    "nan-guidance": (("sd", "--prompt", PROMPT, "--guidance-scale", "nan"), "--guidance-scale"),
+    "negative-prompt-without-guidance": (
+        ("sd", "--prompt", PROMPT, "--negative-prompt", "x", "--guidance-scale", "1"),
+        "--negative-prompt",
+    ),
+    "height-not-multiple-of-8": (("sd", "--prompt", PROMPT, "--height", "20"), "--height"),
+    "width-zero": (("sd", "--prompt", PROMPT, "--width", "0"), "--width"),
+    "missing-weights": (("missing", "--prompt", PROMPT), "text_encoder weights"),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_CASES.values(), ids=ERROR_CASES.keys())
+def test_errors_are_one_line_before_sampling(case, folders, init_image, tmp_path, capsys, no_sampling):
+    (model, *options), fragment = case
+    not_an_image = tmp_path / "not-an-image.png"
+    not_an_image.write_text("hello")
+    paths = {"INIT": str(init_image), "ABSENT": str(tmp_path / "absent.png"), "NOT_AN_IMAGE": str(not_an_image)}
+    args = [paths.get(option, option) for option in options]
+    if model is not None:
+        args = ["--model", str(folders[model]), *args]
+    status, err = sample(capsys, *args, "--out", str(tmp_path / "out.png"))
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith("error: ") and fragment in err[0], err[0]
+    assert not (tmp_path / "out.png").exists()

@@ -5,7 +5,8 @@ by default): image ``s`` from seed ``s`` alone (see `fastddim.seeds`), so ``--se
 whatever the batch size or number of processes. It writes a PNG grid, an ``.npz`` of the arrays, or a folder with one
 PNG per seed (or npz shards) and manifests that ``--resume`` completes (see `fastddim.sample_folder`). Under
 ``torchrun`` every rank draws its share of the seeds (see `fastddim.distributed`). Every file is written atomically
-(see `fastddim.outputs`). ``fastddim bench`` runs `fastddim.benchmark`.
+(see `fastddim.outputs`). A Stable Diffusion / SDXL folder samples with fastddim's pipelines for them, with
+``--prompt`` and image-to-image options (see `fastddim.sd_command`). ``fastddim bench`` runs `fastddim.benchmark`.
 
 User errors (bad arguments, a missing or broken model, an unwritable output, an unavailable device, a full disk)
 print one line on stderr and exit with status 2, before sampling whenever they can be known then; a job stopped by
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser(
         "sample",
         help="draw samples and write a PNG grid, an .npz, or one PNG per seed",
-        description="Draw samples with fastddim.DDIMPipeline, image s from seed s alone, and write a PNG grid, "
+        description="Draw samples with fastddim.DDIMPipeline (fastddim.StableDiffusionPipeline and friends for a "
+        "Stable Diffusion folder), image s from seed s alone, and write a PNG grid, "
         "arrays (.npz), or a folder of one PNG per seed with manifests. Under torchrun every rank draws its share.",
     )
     sample.add_argument(

@@ -194,6 +194,13 @@ def load_if_prompted(
             "schedule (fastddim.DDIMScheduler.from_config)",
             file=sys.stderr,
         )
+    latent_channels = pipe.vae.config.latent_channels
+    if pipe.unet.config.in_channels != latent_channels:
+        raise UsageError(
+            f"--model {args.model}: its UNet takes {pipe.unet.config.in_channels} input channels, not the VAE's "
+            f"{latent_channels} latent channels (an inpainting or depth model?); fastddim sample runs text-to-image "
+            "and image-to-image UNets"
+        )
     if init_image is not None:
         from fastddim import StableDiffusionImg2ImgPipeline
 

@@ -30,8 +30,8 @@ IMAGE_SIZE = 16
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
-    """Saved tiny folders: SD (DDIM scheduler), SD with SD 1.5's PNDM scheduler, SDXL, and SD with text-encoder
-    weights missing."""
+    """Saved tiny folders: SD (DDIM scheduler), SD with SD 1.5's PNDM scheduler, SDXL, SD with text-encoder or UNet
+    weights missing, and SD with an inpainting-style UNet (9 input channels)."""
     root = tmp_path_factory.mktemp("sd-folders")
     sd = diffusers.StableDiffusionPipeline(**sd_components(root / "parts-sd"))
     sd.save_pretrained(root / "sd")
@@ -51,7 +51,17 @@ def folders(tmp_path_factory) -> dict:
     weights = root / "missing" / "text_encoder" / "model.safetensors"
     state = load_file(weights)
     save_file({key: value for index, (key, value) in enumerate(state.items()) if index % 4}, weights)
-    return {name: root / name for name in ("sd", "pndm", "sdxl", "missing")}
+
+    shutil.copytree(root / "sd", root / "missing-unet")
+    weights = root / "missing-unet" / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    save_file({key: value for index, (key, value) in enumerate(state.items()) if index % 5}, weights)
+
+    shutil.copytree(root / "sd", root / "inpaint")
+    shutil.rmtree(root / "inpaint" / "unet")
+    inpaint_unet = diffusers.UNet2DConditionModel.from_config({**sd.unet.config, "in_channels": 9})
+    inpaint_unet.save_pretrained(root / "inpaint" / "unet")
+    return {name: root / name for name in ("sd", "pndm", "sdxl", "missing", "missing-unet", "inpaint")}
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +218,9 @@ ERROR_CASES = {
     ),
     "height-not-multiple-of-8": (("sd", "--prompt", PROMPT, "--height", "20"), "--height"),
     "width-zero": (("sd", "--prompt", PROMPT, "--width", "0"), "--width"),
-    "missing-weights": (("missing", "--prompt", PROMPT), "text_encoder weights"),
+    "missing-text-encoder-weights": (("missing", "--prompt", PROMPT), "text_encoder weights"),
+    "missing-unet-weights": (("missing-unet", "--prompt", PROMPT), "unet weights"),
+    "inpainting-unet": (("inpaint", "--prompt", PROMPT), "9 input channels"),
 }
 
 
@@ -225,3 +237,10 @@ def test_errors_are_one_line_before_sampling(case, folders, init_image, tmp_path
     assert status == 2 and len(err) == 1, err
     assert err[0].startswith("error: ") and fragment in err[0], err[0]
     assert not (tmp_path / "out.png").exists()
+
+
+def test_help_lists_the_stable_diffusion_options(capsys):
+    assert cli.main(["sample", "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--prompt", "--negative-prompt", "--guidance-scale", "--init-image", "--strength", "--height"):
+        assert flag in text

@@ -168,7 +168,8 @@ def load_if_prompted(
     Args:
         args (`argparse.Namespace`): ``fastddim sample``'s arguments.
         device (`torch.device`), dtype (`torch.dtype`): where and in what the pipeline runs.
-        rank (`int`, *optional*): this process's rank; only rank 0 prints the scheduler note.
+        rank (`int`, *optional*): this process's rank; only rank 0 prints the scheduler note (when sampling starts,
+            so that an error found before stays the only line on stderr).
 
     Returns:
         `tuple[PromptedSampler, dict] | None`: the sampler and what identifies the model (``path``,
@@ -188,12 +189,6 @@ def load_if_prompted(
     options = _check_options(args, kind)
     init_image = _read_init_image(args) if args.init_image is not None else None
     pipe, original_scheduler = _load(pathlib.Path(args.model), kind, device, dtype)
-    if original_scheduler is not None and rank == 0:
-        print(
-            f"note: {args.model}'s scheduler is {original_scheduler}; fastddim sample runs DDIM on its noise "
-            "schedule (fastddim.DDIMScheduler.from_config)",
-            file=sys.stderr,
-        )
     latent_channels = pipe.vae.config.latent_channels
     if pipe.unet.config.in_channels != latent_channels:
         raise UsageError(
@@ -206,6 +201,11 @@ def load_if_prompted(
 
         pipe = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
     sampler = PromptedSampler(pipe, kind, options, init_image, pathlib.Path(args.model), original_scheduler)
+    if original_scheduler is not None and rank == 0:
+        sampler.note = (
+            f"note: {args.model}'s scheduler is {original_scheduler}; fastddim sample runs DDIM on its noise "
+            "schedule (fastddim.DDIMScheduler.from_config)"
+        )
     if args.scale is None:
         args.scale = GRID_SCALE
     return sampler, {"path": str(pathlib.Path(args.model).resolve()), "unet_files_sha256": sampler.unet_sha256()}
@@ -357,6 +357,7 @@ class PromptedSampler:
         init_image (`PIL.Image.Image`, *optional*): img2img's input, already resized.
         folder (`pathlib.Path`): the model folder.
         replaced_scheduler (`str`, *optional*): the folder's scheduler class where DDIM replaced it.
+        note (`str`, *optional*): a line printed on stderr at the first call.
     """
 
     pipe: Any
@@ -365,6 +366,7 @@ class PromptedSampler:
     init_image: PIL.Image.Image | None
     folder: pathlib.Path
     replaced_scheduler: str | None = None
+    note: str | None = None
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -402,6 +404,9 @@ class PromptedSampler:
         """Draws one image per seed (see the module docstring) and returns the pipeline's output."""
         from fastddim.seeds import seed_generators
 
+        if self.note is not None:
+            print(self.note, file=sys.stderr)
+            self.note = None
         kwargs = dict(
             prompt=self.options["prompt"],
             negative_prompt=self.options["negative_prompt"],

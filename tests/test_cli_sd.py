@@ -36,7 +36,7 @@ IMAGE_SIZE = 16
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
     """Saved tiny folders: SD (DDIM scheduler), SD with SD 1.5's PNDM scheduler, SDXL, SD with text-encoder or UNet
-    weights missing, and SD with an inpainting-style UNet (9 input channels)."""
+    weights missing, SD with an inpainting-style UNet (9 input channels), and SD with a flow-matching scheduler."""
     root = tmp_path_factory.mktemp("sd-folders")
     sd = diffusers.StableDiffusionPipeline(**sd_components(root / "parts-sd"))
     sd.save_pretrained(root / "sd")
@@ -66,7 +66,15 @@ def folders(tmp_path_factory) -> dict:
     shutil.rmtree(root / "inpaint" / "unet")
     inpaint_unet = diffusers.UNet2DConditionModel.from_config({**sd.unet.config, "in_channels": 9})
     inpaint_unet.save_pretrained(root / "inpaint" / "unet")
-    return {name: root / name for name in ("sd", "pndm", "sdxl", "missing", "missing-unet", "inpaint")}
+
+    shutil.copytree(root / "sd", root / "flow")
+    shutil.rmtree(root / "flow" / "scheduler")
+    diffusers.FlowMatchEulerDiscreteScheduler().save_pretrained(root / "flow" / "scheduler")
+    index_path = root / "flow" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    index_path.write_text(json.dumps(index))
+    return {name: root / name for name in ("sd", "pndm", "sdxl", "missing", "missing-unet", "inpaint", "flow")}
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +165,18 @@ def test_img2img_equals_diffusers(folders, init_image, tmp_path, capsys):
     np.testing.assert_array_equal(grid_tiles(tmp_path / "img2img.png", 2), expected)
 
 
+def test_img2img_resizes_the_init_image_to_height_and_width(folders, init_image, tmp_path, capsys):
+    status, err = sample(capsys, "--model", str(folders["sd"]), "--seeds", "7", "--prompt", PROMPT,
+                         "--init-image", str(init_image), "--height", "24", "--width", "8",
+                         "--out", str(tmp_path / "resized.png"))  # fmt: skip
+    assert status == 0, err
+    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folders["sd"])
+    resized = Image.open(init_image).convert("RGB").resize((8, 24), Image.Resampling.LANCZOS)
+    expected = reference(pipe, [7], prompt=PROMPT, image=resized, strength=0.8)
+    assert expected.shape == (1, 24, 8, 3)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "resized.png"))[None], expected)
+
+
 def test_sdxl_equals_diffusers(folders, tmp_path, capsys):
     status, err = sample(capsys, "--model", str(folders["sdxl"]), "--seeds", "0-1", "--batch-size", "1",
                          "--prompt", PROMPT, "--out", str(tmp_path / "sdxl.npz"))  # fmt: skip
@@ -226,6 +246,9 @@ ERROR_CASES = {
     "missing-text-encoder-weights": (("missing", "--prompt", PROMPT), "text_encoder weights"),
     "missing-unet-weights": (("missing-unet", "--prompt", PROMPT), "unet weights"),
     "inpainting-unet": (("inpaint", "--prompt", PROMPT), "9 input channels"),
+    "scheduler-without-noise-schedule": (("flow", "--prompt", PROMPT), "FlowMatchEulerDiscreteScheduler"),
+    # The replaced-scheduler note is printed when sampling starts: an error found before stays the only line.
+    "too-many-steps-after-scheduler-note": (("pndm", "--prompt", PROMPT, "--steps", "5000"), "--steps 5000"),
 }
 
 

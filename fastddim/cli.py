@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--scale",
         type=_positive_int,
-        help=f"nearest-neighbour upscaling of an image grid (default: {GRID_SCALE})",
+        help=f"nearest-neighbour upscaling of an image grid (default: {GRID_SCALE}; 1 for Stable Diffusion images)",
     )
     sample.add_argument(
         "--out",

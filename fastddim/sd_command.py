@@ -109,8 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="G",
         help="classifier-free guidance weight, 1 or less: none (default: 7.5 for SD, 5.0 for SDXL)",
     )
-    group.add_argument("--height", type=_multiple_of_8, help="image height in pixels, a multiple of 8")
-    group.add_argument("--width", type=_multiple_of_8, help="image width in pixels, a multiple of 8")
+    group.add_argument(
+        "--height",
+        type=_multiple_of_8,
+        help="image height in pixels, a multiple of 8 (default: the model's; img2img: the init image's)",
+    )
+    group.add_argument("--width", type=_multiple_of_8, help="image width in pixels, a multiple of 8 (as --height)")
     group.add_argument(
         "--init-image",
         metavar="PATH",
@@ -179,6 +183,8 @@ def load_if_prompted(
     Raises:
         UsageError: a missing or misplaced option, an unreadable init image, a folder that does not load.
     """
+    if args.model is not None and not pathlib.Path(args.model).is_dir():
+        raise UsageError(f"--model {args.model}: no such folder")
     kind = model_kind(args.model)
     if kind is None:
         given = [flag for dest, flag in PROMPTED_OPTIONS if getattr(args, dest, None) is not None]

@@ -222,6 +222,7 @@ def no_sampling(monkeypatch):
 
 ERROR_CASES = {
     "missing-prompt": (("sd",), "--prompt"),
+    "missing-model-folder": (("ABSENT_MODEL", "--prompt", PROMPT), "no such folder"),
     "prompt-for-unconditional-model": ((None, "--prompt", PROMPT), "--prompt"),
     "guidance-for-unconditional-model": ((None, "--guidance-scale", "3"), "--guidance-scale"),
     "strength-zero": (("sd", "--prompt", PROMPT, "--init-image", "INIT", "--strength", "0"), "--strength"),
@@ -260,7 +261,7 @@ def test_errors_are_one_line_before_sampling(case, folders, init_image, tmp_path
     paths = {"INIT": str(init_image), "ABSENT": str(tmp_path / "absent.png"), "NOT_AN_IMAGE": str(not_an_image)}
     args = [paths.get(option, option) for option in options]
     if model is not None:
-        args = ["--model", str(folders[model]), *args]
+        args = ["--model", str(folders.get(model, tmp_path / "absent-model")), *args]
     status, err = sample(capsys, *args, "--out", str(tmp_path / "out.png"))
     assert status == 2 and len(err) == 1, err
     assert err[0].startswith("error: ") and fragment in err[0], err[0]

@@ -364,6 +364,7 @@ class PromptedSampler:
         folder (`pathlib.Path`): the model folder.
         replaced_scheduler (`str`, *optional*): the folder's scheduler class where DDIM replaced it.
         note (`str`, *optional*): a line printed on stderr at the first call.
+        component_hashes (`dict`): the files' hash of each component folder read so far.
     """
 
     pipe: Any
@@ -373,6 +374,7 @@ class PromptedSampler:
     folder: pathlib.Path
     replaced_scheduler: str | None = None
     note: str | None = None
+    component_hashes: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -432,9 +434,16 @@ class PromptedSampler:
         return self.pipe(**kwargs)
 
     def unet_sha256(self) -> str:
-        from fastddim.sample_command import folder_sha256
+        """The hash of the UNet folder's files (what `fastddim.sample_command` calls the model's identity)."""
+        return self._component_sha256("unet")
 
-        return folder_sha256(self.folder / "unet")
+    def _component_sha256(self, name: str) -> str:
+        # Each component folder is read once: a Stable Diffusion UNet alone is gigabytes.
+        if name not in self.component_hashes:
+            from fastddim.sample_command import folder_sha256
+
+            self.component_hashes[name] = folder_sha256(self.folder / name)
+        return self.component_hashes[name]
 
     def pixel_settings(self) -> dict:
         """The settings beyond `fastddim.sample_command`'s that change the pixels (for the folder's settings hash).
@@ -442,12 +451,10 @@ class PromptedSampler:
         The model is every component's files (text encoders, tokenizers and VAE change the pixels too); the init
         image is its decoded, resized pixels, so a re-encoded copy of the same picture resumes.
         """
-        from fastddim.sample_command import folder_sha256
-
         digest = hashlib.sha256((self.folder / "model_index.json").read_bytes())
         for child in sorted(self.folder.iterdir()):
             if child.is_dir() and not child.name.startswith("."):
-                digest.update(f"\0{child.name}\0{folder_sha256(child)}".encode())
+                digest.update(f"\0{child.name}\0{self._component_sha256(child.name)}".encode())
         height, width = self.image_size
         settings = {
             "stable_diffusion": {

@@ -317,3 +317,36 @@ def test_cuda_graph_equals_eager_loop(folders, tmp_path, dtype):
     eager_images = np.load(tmp_path / "eager.npz")["images"]
     assert np.isfinite(graph_images).all() and graph_images.std() > 0
     np.testing.assert_array_equal(graph_images, eager_images)
+
+
+@pytest.fixture(scope="module")
+def other_init_image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("other-init") / "other.png"
+    pixels = np.random.default_rng(1).integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+RESUME_CHANGES = {
+    "negative-prompt": (["--negative-prompt", "y"], "negative_prompt"),
+    "guidance": (["--guidance-scale", "7"], "guidance_scale"),
+    "strength": (["--strength", "0.9"], "strength"),
+    "init-image": (["--init-image", "OTHER"], "init_image_pixels_sha256"),
+    "size": (["--height", "24"], "height"),
+}
+
+
+@pytest.mark.parametrize("change", RESUME_CHANGES.values(), ids=RESUME_CHANGES.keys())
+def test_every_pixel_setting_is_in_the_settings_hash(change, folders, init_image, other_init_image, tmp_path, capsys):
+    changed, key = change
+    out = str(tmp_path / "folder")
+    base = {"--prompt": PROMPT, "--negative-prompt": "x", "--guidance-scale": "6", "--init-image": str(init_image)}
+    base["--strength"] = "0.5"
+    flat = [item for pair in base.items() for item in pair]
+    status, err = sample(capsys, "--model", str(folders["sd"]), "--seeds", "0", *flat, "--out", out)
+    assert status == 0, err
+    changed = [str(other_init_image) if item == "OTHER" else item for item in changed]
+    status, err = sample(capsys, "--model", str(folders["sd"]), "--seeds", "0", *flat, *changed, "--out", out,
+                         "--resume")  # fmt: skip
+    assert status == 2 and len(err) == 1 and "differing: " in err[0], err
+    assert key in err[0].split("differing: ")[1].split(")")[0], err[0]

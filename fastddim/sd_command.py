@@ -44,8 +44,10 @@ PIPELINE_KINDS = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionImg2ImgPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusionXLImg2ImgPipeline": "sdxl",
 }
+# Folders of these pipelines hold UNets the text-to-image loop cannot drive (SDXL's refiner conditions on an
+# aesthetic score): refused by name rather than failing mid-sampling.
+REFUSED_PIPELINES = {"StableDiffusionXLImg2ImgPipeline": "an SDXL image-to-image (refiner) folder"}
 # diffusers' defaults for the two families.
 DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0}
 # The options that only a text-conditioned folder takes (argparse dest, flag).
@@ -185,6 +187,14 @@ def load_if_prompted(
     """
     if args.model is not None and not pathlib.Path(args.model).is_dir():
         raise UsageError(f"--model {args.model}: no such folder")
+    if args.model is not None:
+        index = _read_json(pathlib.Path(args.model) / "model_index.json") or {}
+        refused = REFUSED_PIPELINES.get(index.get("_class_name"))
+        if refused is not None:
+            raise UsageError(
+                f"--model {args.model}: {refused}; fastddim sample runs Stable Diffusion and SDXL text-to-image "
+                "folders"
+            )
     kind = model_kind(args.model)
     if kind is None:
         given = [flag for dest, flag in PROMPTED_OPTIONS if getattr(args, dest, None) is not None]

@@ -74,7 +74,14 @@ def folders(tmp_path_factory) -> dict:
     index = json.loads(index_path.read_text())
     index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
     index_path.write_text(json.dumps(index))
-    return {name: root / name for name in ("sd", "pndm", "sdxl", "missing", "missing-unet", "inpaint", "flow")}
+
+    shutil.copytree(root / "sdxl", root / "refiner")
+    index_path = root / "refiner" / "model_index.json"
+    index_path.write_text(
+        json.dumps({**json.loads(index_path.read_text()), "_class_name": "StableDiffusionXLImg2ImgPipeline"})
+    )
+    names = ("sd", "pndm", "sdxl", "missing", "missing-unet", "inpaint", "flow", "refiner")
+    return {name: root / name for name in names}
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +254,7 @@ ERROR_CASES = {
     "missing-text-encoder-weights": (("missing", "--prompt", PROMPT), "text_encoder weights"),
     "missing-unet-weights": (("missing-unet", "--prompt", PROMPT), "unet weights"),
     "inpainting-unet": (("inpaint", "--prompt", PROMPT), "9 input channels"),
+    "sdxl-refiner-folder": (("refiner", "--prompt", PROMPT), "refiner"),
     "scheduler-without-noise-schedule": (("flow", "--prompt", PROMPT), "FlowMatchEulerDiscreteScheduler"),
     # The replaced-scheduler note is printed when sampling starts: an error found before stays the only line.
     "too-many-steps-after-scheduler-note": (("pndm", "--prompt", PROMPT, "--steps", "5000"), "--steps 5000"),

@@ -9,7 +9,10 @@ diffusers'), the unconditional ones (``loop``) too.
 prints a markdown table: each target, what the run measured for it, and whether it is met (``–`` where the run
 measured nothing for it). The figures are the records' own (speedups and % of copy bandwidth as ``fastddim bench``
 computed them); the thresholded step is compared with the plain step at the same shape, dtype and eta, both replayed
-from CUDA graphs. Exit status 2 when the file is not a readable results.json.
+from CUDA graphs (forward steps only: the inverse, per-sample and backward kinds have their own records). The
+scheduler issue's thresholding targets read the step records at 16x3x64x64 fp32 and 4x3x256x256 fp16 and the
+thresholded loops' scheduler share; the sampling-at-scale target reads the per-seed noise records (``seeds``). Exit
+status 2 when the file is not a readable results.json.
 
 These targets belong to the project's issues, not to the installed package: the harness records, this reads.
 """

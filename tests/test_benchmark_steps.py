@@ -4,6 +4,7 @@ noise benchmark (CPU; the CUDA-graph variants run in test_benchmark.py's gpu-mar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -183,16 +184,21 @@ def test_tiny_step_cases_cover_every_kind():
 
 
 def test_thresholded_loop_uses_a_thresholded_scheduler_and_its_own_share(monkeypatch):
-    seen_configs = []
+    seen_configs, share_steps = [], []
     build = loop.LOOP_IMPLEMENTATIONS["diffusers"].build
 
     def spy(unet, scheduler_config, **kwargs):
         seen_configs.append(dict(scheduler_config))
         return build(unet, scheduler_config, **kwargs)
 
+    def step_us(kind, shape, dtype, device, plan, *, thresholding=False):
+        share_steps.append((kind, thresholding))
+        return 50.0 if thresholding else 10.0
+
     monkeypatch.setitem(
-        loop.LOOP_IMPLEMENTATIONS, "diffusers", loop.LOOP_IMPLEMENTATIONS["diffusers"].__class__("diffusers", spy)
+        loop.LOOP_IMPLEMENTATIONS, "diffusers", dataclasses.replace(loop.LOOP_IMPLEMENTATIONS["diffusers"], build=spy)
     )
+    monkeypatch.setattr(loop, "scheduler_step_us", step_us)
     plan = _tiny_plan()
     plan.num_inference_steps = 2
     thresholded = loop.run_loop_impl(LoopCase("tiny", 2, torch.float32, thresholding=True), "diffusers", CPU, plan)
@@ -201,10 +207,9 @@ def test_thresholded_loop_uses_a_thresholded_scheduler_and_its_own_share(monkeyp
     assert seen_configs[0]["thresholding"] is True and seen_configs[0]["clip_sample"] is False
     assert "thresholding" not in seen_configs[1]
     assert thresholded["config"]["thresholding"] is True and thresholded["name"].endswith("thresholding/diffusers")
-    assert thresholded["scheduler_share"] > 0
-    # Cached per (kind, shape, dtype, device, thresholding): a thresholded step is timed on its own.
-    keys = [key for key in loop._sched_step_cache.values()]
-    assert keys
+    # The share divides the thresholded step's own time (not a plain step's) by the loop time.
+    assert share_steps == [("diffusers", True), ("diffusers", False)]
+    assert thresholded["scheduler_share"] == pytest.approx(2 * 50.0 / thresholded["median_us"])
     assert loop.loop_key(thresholded) != loop.loop_key(plain)
     _assert_schema(thresholded)
 

@@ -369,3 +369,20 @@ def test_threshold_and_seeds_targets(targets):
     # The older thresholded-step target compares plain forward steps only.
     older = checks["thresholded step: <= 2x a plain step (CUDA graph, device time)"]
     assert "4x3x256x256 fp16 eta 0: 5.00x" in older["measured"]
+
+
+@pytest.mark.gpu
+def test_tiny_seeds_and_thresholded_loop_runs_on_cuda(tmp_path):
+    """The per-seed modes through the captured loop (eta 1: the pre-drawn step noises), and the thresholded tiny loop
+    with its graph, eager and diffusers implementations."""
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    for only, extra in (("seeds", []), ("loop", ["--loop-cases", "thresholding", "--no-compile"])):
+        out = tmp_path / only
+        args = ["--tiny", "--only", only, *extra, "--device", "cuda", "--no-plots", "--out", str(out)]
+        assert command.run(parser.parse_args(args)) == 0
+        recs = json.loads((out / "results.json").read_text())["records"]
+        assert recs and all(records.outcome(r) == "ok" for r in recs), recs
+        if only == "loop":
+            graph = next(r for r in recs if r["impl"] == "fastddim-graph")
+            assert graph["config"]["thresholding"] and 0 < graph["scheduler_share"] < 1

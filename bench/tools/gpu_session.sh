@@ -3,7 +3,8 @@
 #
 #   bench/tools/gpu_session.sh tests       # every gpu-marked test (about 2-3 minutes on an H100)
 #   bench/tools/gpu_session.sh overhead    # eager-step host-time breakdown and the threshold split sweep (~2 minutes)
-#   bench/tools/gpu_session.sh bench-step  # fastddim bench --only step (2-5 minutes; torch.compile cases bounded)
+#   bench/tools/gpu_session.sh bench-step  # fastddim bench --only step (3-6 minutes with the inverse, per-sample and
+#                                          # backward kinds, estimated; torch.compile cases bounded)
 #   bench/tools/gpu_session.sh bench-loop  # fastddim bench --only loop, unthresholded (about 6 minutes on an H100)
 #   bench/tools/gpu_session.sh bench-threshold-loop  # pixel-space loops with thresholding, no compile (~1 minute)
 #   bench/tools/gpu_session.sh bench-seeds # per-seed noise vs one generator, cifar10-32 b256 fp16 (~3 minutes)

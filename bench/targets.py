@@ -9,7 +9,10 @@ diffusers'), the unconditional ones (``loop``) too.
 prints a markdown table: each target, what the run measured for it, and whether it is met (``–`` where the run
 measured nothing for it). The figures are the records' own (speedups and % of copy bandwidth as ``fastddim bench``
 computed them); the thresholded step is compared with the plain step at the same shape, dtype and eta, both replayed
-from CUDA graphs. Exit status 2 when the file is not a readable results.json.
+from CUDA graphs (forward steps only: the inverse, per-sample and backward kinds have their own records). The
+scheduler issue's thresholding targets read the step records at 16x3x64x64 fp32 and 4x3x256x256 fp16 and the
+thresholded loops' scheduler share; the sampling-at-scale target reads the per-seed noise records (``seeds``). Exit
+status 2 when the file is not a readable results.json.
 
 These targets belong to the project's issues, not to the installed package: the harness records, this reads.
 """
@@ -39,9 +42,63 @@ def _step_label(record: dict) -> str:
 
 def _loop_label(record: dict) -> str:
     label = f"{record['model']} b{record['batch_size']} {record['dtype']}"
+    if record["config"] and record["config"].get("thresholding"):
+        label += " thresholding"
     if record["benchmark"] == "sd":
         label += f" {record['num_inference_steps']} steps"
     return label
+
+
+def _step_kind(record: dict) -> str:
+    return record["config"].get("kind", "step")
+
+
+# The scheduler issue's thresholded-step shapes: pixel-space rows of 12 288 (fp32) and 196 608 (fp16) elements.
+THRESHOLD_STEP_CASES = (([16, 3, 64, 64], "fp32"), ([4, 3, 256, 256], "fp16"))
+
+
+def _threshold_targets(records: list[dict]) -> list[dict]:
+    """The scheduler issue's thresholding targets: the captured thresholded step against a plain captured step and
+    against diffusers' thresholded step at its two shapes, and the scheduler's share of a thresholded pixel loop."""
+    graphed = {
+        (tuple(r["shape"]), r["dtype"], r["config"]["thresholding"]): r
+        for r in _timed(records, "step", ("fastddim-graph",))
+        if _step_kind(r) == "step" and r["config"]["eta"] == 0
+    }
+    vs_plain, vs_diffusers = [], []
+    for shape, dtype in THRESHOLD_STEP_CASES:
+        thresholded = graphed.get((tuple(shape), dtype, True))
+        if thresholded is None:
+            continue
+        label = f"{'x'.join(map(str, shape))} {dtype}"
+        if (plain := graphed.get((tuple(shape), dtype, False))) is not None:
+            vs_plain.append((label, thresholded["median_us"] / plain["median_us"]))
+        vs_diffusers.append((label, thresholded["speedup_vs_diffusers"]))
+    thresholded_loops = [
+        r
+        for r in _timed(records, "loop", ("fastddim-graph",))
+        if r["config"].get("thresholding") and r["scheduler_share"] is not None
+    ]
+    return [
+        _check(
+            "thresholded step (CUDA graph) <= 4x a plain captured step at 16x3x64x64 fp32 and 4x3x256x256 fp16",
+            vs_plain,
+            lambda ratio: ratio <= 4,
+            "x",
+        ),
+        _check(
+            "thresholded step (CUDA graph) >= 40x diffusers' thresholded step at the same shapes, device time",
+            vs_diffusers,
+            lambda speedup: speedup >= 40,
+            "x",
+        ),
+        _check(
+            "pixel-space loop with thresholding: scheduler share <= 1 % (fastddim-graph)",
+            [(_loop_label(r), 100 * r["scheduler_share"]) for r in thresholded_loops],
+            lambda pct: pct <= 1,
+            "%",
+        ),
+    ]
 
 
 def _loop_targets(records: list[dict]) -> list[dict]:
@@ -123,7 +180,8 @@ def target_checks(records: list[dict]) -> list[dict]:
     figures are the records' own (speedups and % of copy bandwidth from ``finalize_*_records``); the thresholded
     step is compared with the plain step at the same shape, dtype and eta, both replayed from CUDA graphs.
     """
-    steps = _timed(records, "step", ("fastddim", "fastddim-graph"))
+    # The forward step's records (records of the inverse, per-sample and backward kinds carry their kind).
+    steps = [r for r in _timed(records, "step", ("fastddim", "fastddim-graph")) if _step_kind(r) == "step"]
     eager = [r for r in steps if r["impl"] == "fastddim" and not r["config"]["thresholding"]]
     latent = [r for r in eager if r["shape"] == [1, 4, 64, 64] and r["dtype"] == "fp16" and r["config"]["eta"] == 0]
     graphed = {
@@ -194,6 +252,21 @@ def target_checks(records: list[dict]) -> list[dict]:
             "%",
         ),
         *_loop_targets(records),
+        *_threshold_targets(records),
+        _check(
+            "sampling at scale: per-seed noise costs <= 2 % of images/s against one generator (same loop)",
+            [
+                (
+                    f"{r['model']} b{r['batch_size']} {r['dtype']} {r['num_inference_steps']} steps eta "
+                    f"{r['config']['eta']:g}",
+                    100 * r["cost_vs_generator"],
+                )
+                for r in _timed(records, "seeds", ("seeds",))
+                if r["cost_vs_generator"] is not None
+            ],
+            lambda pct: pct <= 2,
+            "%",
+        ),
     ]
 
 

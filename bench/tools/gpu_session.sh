@@ -3,8 +3,11 @@
 #
 #   bench/tools/gpu_session.sh tests       # every gpu-marked test (about 2-3 minutes on an H100)
 #   bench/tools/gpu_session.sh overhead    # eager-step host-time breakdown and the threshold split sweep (~2 minutes)
-#   bench/tools/gpu_session.sh bench-step  # fastddim bench --only step (2-5 minutes; torch.compile cases bounded)
-#   bench/tools/gpu_session.sh bench-loop  # fastddim bench --only loop (about 6 minutes on an H100)
+#   bench/tools/gpu_session.sh bench-step  # fastddim bench --only step (3-6 minutes with the inverse, per-sample and
+#                                          # backward kinds, estimated; torch.compile cases bounded)
+#   bench/tools/gpu_session.sh bench-loop  # fastddim bench --only loop, unthresholded (about 6 minutes on an H100)
+#   bench/tools/gpu_session.sh bench-threshold-loop  # pixel-space loops with thresholding, no compile (~1 minute)
+#   bench/tools/gpu_session.sh bench-seeds # per-seed noise vs one generator, cifar10-32 b256 fp16 (~3 minutes)
 #   bench/tools/gpu_session.sh bench-sd    # text-to-image loops, SD1.5 architecture fp16 (about 5 minutes on an H100)
 #   bench/tools/gpu_session.sh bench-sdxl  # text-to-image loops, SDXL architecture and SD1.5 in fp32 (about 4 minutes)
 #   bench/tools/gpu_session.sh regression  # pytest bench/ against the committed baseline, saving this run (~2 min)
@@ -13,11 +16,12 @@
 # a short idle time, so fewer, fuller calls spend less device time on starting machines.
 #
 # Results go to $RESULTS (default: ${OUT:-bench-out}/<device-slug>/), ready to copy into bench/results/<device-slug>/
-# (the step, loop and text-to-image runs write separate results.json files under step/, loop/, sd/ and sdxl/: merge them as the committed
+# (the step, loop, text-to-image and per-seed runs write separate results.json files under step/, loop/, loop-threshold/,
+# sd/, sdxl/ and seeds/: merge them as the committed
 # bench/results/nvidia-h100-80gb-hbm3/results.json was, see its "runs" and "notes"). The device's copy of the
 # repository may carry a stale .git: results.json records `git describe --dirty`, so check the commit you sent.
 set -uo pipefail
-: "${1:?usage: gpu_session.sh PHASE... (tests, overhead, bench-step, bench-loop, bench-sd, bench-sdxl, regression)}"
+: "${1:?usage: gpu_session.sh PHASE... (tests, overhead, bench-step, bench-loop, bench-threshold-loop, bench-seeds, bench-sd, bench-sdxl, regression)}"
 slug=$(python -m fastddim.benchmark --print-device-slug)
 results=${RESULTS:-${OUT:-bench-out}/$slug}
 mkdir -p "$results"
@@ -36,8 +40,22 @@ for phase in "$@"; do
         python bench/targets.py "$results/step/results.json"
         ;;
     bench-loop)
-        python -m fastddim.benchmark --only loop --budget-s 420 --out "$results/loop" 2>&1 | tail -n 50
+        python -m fastddim.benchmark --only loop --loop-cases '^(?!.*thresholding)' --budget-s 420 \
+            --out "$results/loop" 2>&1 | tail -n 50
         python bench/targets.py "$results/loop/results.json"
+        ;;
+    bench-threshold-loop)
+        # The thresholded step inside pixel-space loops (cifar10-32 and digits, batch 16, fp16): the scheduler's
+        # share of loop time, with diffusers' loop, the eager and captured loops and the limit; no torch.compile.
+        python -m fastddim.benchmark --only loop --loop-cases thresholding --no-compile --no-plots \
+            --out "$results/loop-threshold" 2>&1 | tail -n 20
+        python bench/targets.py "$results/loop-threshold/results.json"
+        ;;
+    bench-seeds)
+        # fastddim sample --seeds 0-4095's pipeline calls (no files written) at batch 256, cifar10-32 architecture,
+        # fp16, 10 and 50 steps, eta 0 and 1: seeds=[...] against one generator and against none, interleaved.
+        python -m fastddim.benchmark --only seeds --no-plots --out "$results/seeds" 2>&1 | tail -n 30
+        python bench/targets.py "$results/seeds/results.json"
         ;;
     bench-sd)
         # SD1.5 architecture, fp16, batch 1 and 4, 30 and 50 steps: the eager and graph loops and the limit (about

@@ -1,23 +1,28 @@
 """Benchmark harness for fastddim: ``fastddim bench`` (or ``python -m fastddim.benchmark``).
 
-Four benchmarks, one run, one output folder:
+Five benchmarks, one run, one output folder:
 
 - **step** (`fastddim.benchmark.step`): one DDIM update, ``scheduler.step``, at latent and pixel-space shapes, against
   diffusers (eager, with a 0-dim device timestep as Stable Diffusion pipelines pass it, and with an int timestep),
   ``torch.compile`` of diffusers' step, fastddim eager, fastddim captured in a CUDA graph, and a device-to-device
   ``copy_`` of the same bytes (the bandwidth ceiling measured in the same run). Every implementation's output is
-  checked against diffusers in fp32 before it is timed.
+  checked against diffusers in fp32 before it is timed. Beside the forward step, the inverse step, the step with
+  per-sample timesteps and forward + backward through autograd (`fastddim.benchmark.step_kinds`), fp32 checked bit for
+  bit against diffusers.
 - **loop** (`fastddim.benchmark.loop`): a whole 50-step sampling loop with ``fastddim.DDIMPipeline`` (CUDA graph and
   eager, and the graph around ``torch.compile(unet)``: ``fastddim-graph-compiled``), ``diffusers.DDIMPipeline`` and
   ``diffusers.DDIMPipeline`` with ``torch.compile(unet, mode="reduce-overhead")``, on a UNet of the
   ``google/ddpm-cifar10-32`` architecture (random weights) and on the embedded digits model; and ``unet-limit``, the
   loop's physical limit (`fastddim.benchmark.limit`: N x one UNet call captured alone, CUDA-event device time), with
-  ``vs_limit`` = loop time / limit on every loop record.
+  ``vs_limit`` = loop time / limit on every loop record; pixel-space loops with dynamic thresholding too.
 - **sd** (`fastddim.benchmark.sd`): text-to-image loops with classifier-free guidance on random-weight UNets of the
   SD1.5 and SDXL architectures (fp16, batch 1 and 4, 30 and 50 steps): diffusers' Stable Diffusion pipelines eager and
   with ``torch.compile(unet, mode="reduce-overhead")``, fastddim's eager, graph and graph-around-compiled-UNet loops,
   and the limit on the CFG batch; every fastddim loop's latents are checked against diffusers eager's first.
 - **reconstruction** (`fastddim.benchmark.reconstruction`): DDIM inversion then sampling back on real digits.
+- **seeds** (`fastddim.benchmark.per_seed`): images/s of seed-addressed sampling (``DDIMPipeline(seeds=...)``, what
+  ``fastddim sample --seeds`` runs, without writing files) against one generator and none, batch 256, CIFAR-10
+  architecture, fp16, 10 and 50 steps, eta 0 and 1.
 
 Usage::
 
@@ -26,6 +31,8 @@ Usage::
     fastddim bench --quick                  # small shapes only; on a CPU: torch backend vs diffusers, < 5 minutes
     fastddim bench --only step --no-compile # just the step benchmark, without torch.compile
     fastddim bench --only sd --sd-cases 'sd15 batch=1'  # text-to-image loops, SD1.5 architecture at batch 1
+    fastddim bench --only loop --loop-cases thresholding  # the thresholded pixel-space loops only
+    fastddim bench --only seeds             # per-seed noise against one generator
     fastddim bench --quick --threads 1      # on a loaded/shared CPU, where torch's threads contend
     python -m fastddim.benchmark --quick    # the same without the CLI
     python -m fastddim.benchmark --print-device-slug   # e.g. nvidia-h100-80gb-hbm3, for per-device folders
@@ -52,7 +59,7 @@ of back-to-back calls, per call. On a CPU both are host wall time. Loops: host w
 pipeline calls. ``torch.compile`` cases run last and are skipped once ``--budget-s`` seconds have passed.
 
 Modules: `cases` (cases, implementations, plans), `environment`, `records` (schema, checks, results.json), `step`,
-`loop`, `limit`, `sd`, `reconstruction`, `runner` (a run), `report` (results.md, plots), `command` (options, checks, exit status). To add a case,
+`step_kinds`, `loop`, `limit`, `sd`, `reconstruction`, `per_seed`, `runner` (a run), `report` (results.md, plots), `command` (options, checks, exit status). To add a case,
 append it to the lists in `cases`; to add an implementation, register it in ``step.STEP_IMPLEMENTATIONS``,
 ``loop.LOOP_IMPLEMENTATIONS`` or ``sd.SD_IMPLEMENTATIONS`` (see those modules).
 """

@@ -34,6 +34,7 @@ class Implementation:
         timestep_kind (`str`, *optional*): how a step implementation receives the timestep (recorded in ``config``).
         limit (`bool`): not an implementation but the loop's physical limit (`fastddim.benchmark.limit`): N x the
             UNet's own time per call, measured once per configuration.
+        step_kinds (`tuple[str, ...]`, *optional*): the `StepCase` kinds a step implementation runs (None: all).
     """
 
     name: str
@@ -42,16 +43,36 @@ class Implementation:
     compiles: bool = False
     timestep_kind: str | None = None
     limit: bool = False
+    step_kinds: tuple[str, ...] | None = None
+
+    def runs(self, kind: str) -> bool:
+        """Whether this implementation runs step cases of ``kind``."""
+        return self.step_kinds is None or kind in self.step_kinds
+
+
+# What one step case times (see `fastddim.benchmark.step_kinds`): the forward step, the inverse step (DDIM inversion),
+# the forward step with a (B,) per-sample timestep tensor, and the forward step followed by its backward.
+STEP_KINDS = ("step", "inverse", "per-sample", "backward")
 
 
 @dataclasses.dataclass(frozen=True)
 class StepCase:
-    """One step-benchmark configuration."""
+    """One step-benchmark configuration; ``kind`` is one of `STEP_KINDS` (the inverse, per-sample and backward kinds
+    take eta 0, the inverse one no thresholding, which diffusers' inverse scheduler does not have)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     eta: float = 0.0
     thresholding: bool = False
+    kind: str = "step"
+
+    def __post_init__(self) -> None:
+        if self.kind not in STEP_KINDS:
+            raise ValueError(f"kind must be one of {STEP_KINDS}, got {self.kind!r}")
+        if self.kind != "step" and self.eta != 0:
+            raise ValueError(f"a {self.kind} step case takes eta 0, got {self.eta}")
+        if self.kind == "inverse" and self.thresholding:
+            raise ValueError("an inverse step case cannot threshold (diffusers' DDIMInverseScheduler does not)")
 
     @property
     def numel(self) -> int:
@@ -60,20 +81,24 @@ class StepCase:
     @property
     def label(self) -> str:
         flags = f"eta={self.eta:g}" + (" thresholding" if self.thresholding else "")
-        return f"{'x'.join(map(str, self.shape))} {DTYPE_NAMES[self.dtype]} {flags}"
+        kind = "" if self.kind == "step" else f" {self.kind}"
+        return f"{'x'.join(map(str, self.shape))} {DTYPE_NAMES[self.dtype]} {flags}{kind}"
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopCase:
-    """One loop-benchmark configuration: a model name known to `fastddim.benchmark.loop.load_unet`."""
+    """One loop-benchmark configuration: a model name known to `fastddim.benchmark.loop.load_unet`; ``thresholding``
+    adds Imagen-style dynamic thresholding to the model's scheduler config (pixel-space models)."""
 
     model: str
     batch_size: int
     dtype: torch.dtype
+    thresholding: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.model} batch={self.batch_size} {DTYPE_NAMES[self.dtype]}"
+        flags = " thresholding" if self.thresholding else ""
+        return f"{self.model} batch={self.batch_size} {DTYPE_NAMES[self.dtype]}{flags}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +117,25 @@ class SDCase:
         return (
             f"{self.model} batch={self.batch_size} {DTYPE_NAMES[self.dtype]} steps={self.num_inference_steps} "
             f"cfg={self.guidance_scale:g}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedsCase:
+    """One per-seed noise configuration (`fastddim.benchmark.per_seed`): a loop model, batch size, dtype, number of
+    steps and eta, sampled in each noise mode."""
+
+    model: str
+    batch_size: int
+    dtype: torch.dtype
+    num_inference_steps: int
+    eta: float
+
+    @property
+    def label(self) -> str:
+        return (
+            f"{self.model} batch={self.batch_size} {DTYPE_NAMES[self.dtype]} steps={self.num_inference_steps} "
+            f"eta={self.eta:g}"
         )
 
 
@@ -124,6 +168,10 @@ class Plan:
     sd_impls: tuple[str, ...] = ()
     sd_warmup: int = 0
     sd_rounds: int = 3
+    # Per-seed noise (fastddim.benchmark.per_seed): seeds 0 .. seeds_images - 1 in each noise mode.
+    seeds_cases: list[SeedsCase] = dataclasses.field(default_factory=list)
+    seeds_modes: tuple[str, ...] = ()
+    seeds_images: int = 4096
 
 
 F16, F32 = torch.float16, torch.float32
@@ -143,6 +191,15 @@ GPU_STEP_CASES = [
     StepCase((16, 3, 64, 64), F32),
     StepCase((4, 3, 256, 256), F16, thresholding=True),
     StepCase((4, 3, 256, 256), F16),
+    # The scheduler issue's other steps, against diffusers: the inverse step, per-sample timesteps (diffusers loops
+    # over the samples) and forward + backward through autograd, at a latent shape in both dtypes.
+    *(
+        StepCase(shape, dtype, kind=kind)
+        for kind in ("inverse", "per-sample", "backward")
+        for shape in ((1, 4, 64, 64), (16, 4, 128, 128))
+        for dtype in (F16, F32)
+        if kind != "per-sample" or shape[0] > 1
+    ),
 ]
 GPU_QUICK_STEP_CASES = [
     StepCase((1, 4, 64, 64), F16),
@@ -160,15 +217,23 @@ TINY_STEP_CASES = [
     StepCase((2, 4, 16, 16), F32),
     StepCase((2, 4, 16, 16), F32, 1.0),
     StepCase((2, 3, 16, 16), F32, thresholding=True),
+    StepCase((2, 4, 16, 16), F32, kind="inverse"),
+    StepCase((2, 4, 16, 16), F32, kind="per-sample"),
+    StepCase((2, 4, 16, 16), F32, kind="backward"),
+    StepCase((2, 4, 16, 16), F16, kind="backward"),
 ]
 
 GPU_LOOP_CASES = [
     LoopCase(model, batch, dtype) for model in ("cifar10-32", "digits") for dtype in (F16, F32) for batch in (1, 16)
+] + [
+    # The thresholded step inside pixel-space loops, where the scheduler's share of loop time must stay small.
+    LoopCase(model, 16, F16, thresholding=True)
+    for model in ("cifar10-32", "digits")
 ]
 GPU_QUICK_LOOP_CASES = [LoopCase("digits", 1, F16), LoopCase("digits", 16, F16)]
 # The cifar10-32 UNet takes ~0.1-0.4 s per step on a small CPU: GPU runs only.
 CPU_QUICK_LOOP_CASES = [LoopCase("digits", 1, F32), LoopCase("digits", 16, F32)]
-TINY_LOOP_CASES = [LoopCase("tiny", 1, F32), LoopCase("tiny", 2, F32)]
+TINY_LOOP_CASES = [LoopCase("tiny", 1, F32), LoopCase("tiny", 2, F32), LoopCase("tiny", 2, F32, thresholding=True)]
 
 # Text-to-image: the SD1.5 architecture at 30 and 50 steps, batch 1 and 4, fp16 (and fp32 at batch 1, the eager loops'
 # reference point); the SDXL architecture at batch 1. Batch 1 first: the launch-bound case.
@@ -180,3 +245,11 @@ GPU_QUICK_SD_CASES = [SDCase("sd15", 1, F16, 30)]
 # The SD1.5 UNet takes seconds per call on a small CPU: GPU runs only.
 CPU_QUICK_SD_CASES: list[SDCase] = []
 TINY_SD_CASES = [SDCase("tiny-sd", 2, F32, 2), SDCase("tiny-sdxl", 1, F32, 2)]
+
+# Per-seed noise: `fastddim sample --seeds 0-4095` at batch 256 with the CIFAR-10 architecture, fp16, 10 and 50 steps,
+# eta 0 and 1 (eta 1 draws noise every step). About 2 minutes on an H100.
+GPU_SEEDS_CASES = [SeedsCase("cifar10-32", 256, F16, steps, eta) for steps in (10, 50) for eta in (0.0, 1.0)]
+GPU_QUICK_SEEDS_CASES = [SeedsCase("cifar10-32", 256, F16, 10, 1.0)]
+# The cifar10-32 UNet at batch 256 takes tens of seconds per step on a small CPU: GPU runs only.
+CPU_QUICK_SEEDS_CASES: list[SeedsCase] = []
+TINY_SEEDS_CASES = [SeedsCase("tiny", 2, F32, 2, eta) for eta in (0.0, 1.0)]

@@ -70,7 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--only", choices=("all", "step", "loop", "sd", "reconstruction"), default="all", help="which benchmark to run"
+        "--only",
+        choices=("all", "step", "loop", "sd", "reconstruction", "seeds"),
+        default="all",
+        help="which benchmark to run",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile implementations")
     parser.add_argument(
@@ -91,6 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="REGEX",
         help="run only the text-to-image cases whose label (e.g. 'sd15 batch=1 fp16 steps=30 cfg=7.5') matches REGEX",
+    )
+    parser.add_argument(
+        "--loop-cases",
+        type=_regex,
+        default=None,
+        metavar="REGEX",
+        help="run only the loop cases whose label (e.g. 'digits batch=16 fp16 thresholding') matches REGEX",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")

@@ -118,10 +118,16 @@ def load_unet(model: str) -> tuple[Any, dict[str, Any], str]:
     return _unet_cache.put(model, (unet, scheduler_config, weights))
 
 
-def _sample_shape(unet: Any, batch_size: int) -> tuple[int, ...]:
+def sample_shape(unet: Any, batch_size: int) -> tuple[int, ...]:
+    """(B, C, H, W) of the samples ``unet`` takes at ``batch_size``."""
     size = unet.config.sample_size
     spatial = (size, size) if isinstance(size, int) else tuple(size)
     return (batch_size, unet.config.in_channels, *spatial)
+
+
+# Imagen-style dynamic thresholding (diffusers' defaults: ratio 0.995, max 1.0) instead of clipping, as the step
+# benchmark's thresholded cases (`fastddim.benchmark.step.step_config`) use it.
+THRESHOLDING_CONFIG: dict[str, Any] = {"thresholding": True, "clip_sample": False}
 
 
 class SkipCase(Exception):
@@ -200,13 +206,21 @@ _sched_step_cache: BoundedCache[tuple, float] = BoundedCache(64)
 
 
 def scheduler_step_us(
-    kind: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, plan: Plan
+    kind: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    plan: Plan,
+    *,
+    thresholding: bool = False,
 ) -> float:
-    """µs of one scheduler step alone, the way a loop implementation runs it (for the scheduler's share of a loop)."""
-    key = (kind, shape, dtype, device)
+    """µs of one scheduler step alone, the way a loop implementation runs it (for the scheduler's share of a loop),
+    thresholded as the loop's scheduler is."""
+    key = (kind, shape, dtype, device, thresholding)
     cached = _sched_step_cache.get(key)
     if cached is None:
-        inputs = make_step_inputs(StepCase(shape, dtype), device, plan.num_inference_steps)
+        case = StepCase(shape, dtype, thresholding=thresholding)
+        inputs = make_step_inputs(case, device, plan.num_inference_steps)
         unroll = 1
         if kind == "fastddim-graph":
             unroll = graph_unroll(math.prod(shape))
@@ -241,14 +255,16 @@ def run_loop_impl(case: LoopCase, impl: str, device: torch.device, plan: Plan) -
         batch_size=case.batch_size,
         dtype=DTYPE_NAMES[case.dtype],
         num_inference_steps=steps,
-        config={"eta": 0.0, "thresholding": False, "generator": None},
+        config={"eta": 0.0, "thresholding": case.thresholding, "generator": None},
     )
     pipe = None
     try:
         base_unet, scheduler_config, weights = load_unet(case.model)
+        if case.thresholding:
+            scheduler_config = {**scheduler_config, **THRESHOLDING_CONFIG}
         record["config"]["weights"] = weights
         record["config"]["scheduler_config"] = scheduler_config
-        record["shape"] = list(_sample_shape(base_unet, case.batch_size))
+        record["shape"] = list(sample_shape(base_unet, case.batch_size))
         # nn.Module.to: ModelMixin.to warns about fp32-pinned modules even when there are none.
         unet = torch.nn.Module.to(copy.deepcopy(base_unet), device=device, dtype=case.dtype)
         free_memory(device)
@@ -301,7 +317,9 @@ def run_loop_impl(case: LoopCase, impl: str, device: torch.device, plan: Plan) -
         if device.type == "cuda":
             record["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         kind = "fastddim-graph" if implementation.cuda_graph else impl if impl == "fastddim-eager" else "diffusers"
-        step_us = scheduler_step_us(kind, tuple(record["shape"]), case.dtype, device, plan)
+        step_us = scheduler_step_us(
+            kind, tuple(record["shape"]), case.dtype, device, plan, thresholding=case.thresholding
+        )
         record["scheduler_step_us"] = step_us
         record["scheduler_share"] = steps * step_us / record["median_us"]
     except SkipCase as skip:
@@ -322,9 +340,15 @@ def finalize_loop_records(records: list[dict]) -> None:
         ("diffusers", "speedup_vs_diffusers"),
         ("compile-reduce-overhead", "speedup_vs_compile_reduce_overhead"),
     ):
-        baselines = {(r["model"], r["batch_size"], r["dtype"]): r for r in loops if r["impl"] == baseline_impl}
+        baselines = {loop_key(r): r for r in loops if r["impl"] == baseline_impl}
         for record in loops:
-            base = baselines.get((record["model"], record["batch_size"], record["dtype"]))
+            base = baselines.get(loop_key(record))
             if base:
                 record[field] = base["median_us"] / record["median_us"]
-    fill_vs_limit(records, "loop", lambda r: (r["model"], r["batch_size"], r["dtype"]))
+    fill_vs_limit(records, "loop", loop_key)
+
+
+def loop_key(record: dict) -> tuple:
+    """What makes loop records comparable: model, batch size, dtype, thresholding (off in records without it)."""
+    thresholding = bool(record["config"] and record["config"].get("thresholding"))
+    return (record["model"], record["batch_size"], record["dtype"], thresholding)

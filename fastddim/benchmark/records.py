@@ -89,7 +89,29 @@ SD_KEYS = (
     "vs_limit",
 )
 
-BENCHMARK_KEYS = {"step": STEP_KEYS, "loop": LOOP_KEYS, "sd": SD_KEYS, "reconstruction": RECONSTRUCTION_KEYS}
+# Per-seed noise against one generator (fastddim.benchmark.per_seed).
+SEEDS_KEYS = (
+    "model",
+    "shape",
+    "batch_size",
+    "num_inference_steps",
+    "images",
+    "total_s",
+    "images_per_s",
+    "ms_per_step",
+    "first_call_s",
+    "peak_mem_mib",
+    "cost_vs_generator",
+    "cost_vs_no_generator",
+)
+
+BENCHMARK_KEYS = {
+    "step": STEP_KEYS,
+    "loop": LOOP_KEYS,
+    "sd": SD_KEYS,
+    "reconstruction": RECONSTRUCTION_KEYS,
+    "seeds": SEEDS_KEYS,
+}
 
 # (atol, rtol) against diffusers' step computed in fp32 on the same inputs.
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 2e-2)}
@@ -121,18 +143,21 @@ def check_step_output(
     *,
     noise_free_reference: torch.Tensor | None = None,
     sigma: float | None = None,
+    exact: bool = False,
 ) -> dict[str, Any]:
     """Compares an implementation's (prev_sample, pred_original_sample) with the fp32 reference.
 
-    Elementwise within the dtype's (atol, rtol) of ``TOLERANCES``. When the implementation drew its own noise
+    Elementwise within the dtype's (atol, rtol) of ``TOLERANCES``, or bit for bit with ``exact`` (then atol = rtol =
+    0; NaN must stand where the reference has NaN). When the implementation drew its own noise
     (``noise_free_reference`` and ``sigma`` given: fastddim's in-kernel Philox), prev_sample is checked statistically
     instead: (prev - reference without noise) / sigma must look like N(0, 1).
 
     Returns:
         `dict`: ``passed`` (bool), ``max_abs_err``, ``atol``, ``rtol``, ``method``, and ``detail`` when it failed.
     """
-    atol, rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float16])
-    result: dict[str, Any] = {"passed": True, "max_abs_err": 0.0, "atol": atol, "rtol": rtol, "method": "allclose"}
+    atol, rtol = (0.0, 0.0) if exact else TOLERANCES.get(dtype, TOLERANCES[torch.float16])
+    method = "equal" if exact else "allclose"
+    result: dict[str, Any] = {"passed": True, "max_abs_err": 0.0, "atol": atol, "rtol": rtol, "method": method}
     pairs = list(zip(outputs, reference, strict=False))
     if noise_free_reference is not None and sigma:
         result["method"] = "allclose x0, N(0,1) test of (prev - mean) / sigma"
@@ -192,6 +217,12 @@ METHODOLOGY = {
     "scheduler_share": "num_inference_steps x one scheduler step alone (graph replay for fastddim-graph, eager wall "
     "for others; diffusers with a 0-dim CPU timestep as DDIMPipeline passes it) / loop time",
     "speedup_vs_diffusers": "diffusers eager median / this median at the same shape, dtype and config",
+    "seeds": "per-seed noise: fastddim.DDIMPipeline calls of batch_size images over seeds 0 .. images - 1 "
+    "(output_type='pt', no files written: the PNG/npz writing of fastddim sample is the same for every mode) in three "
+    "noise modes: seeds=[...] (one generator per image), one torch.Generator(device).manual_seed(0) per call, and no "
+    "generator; one untimed call per mode first, then the batches in order with the modes interleaved batch by batch "
+    "(order rotated); host wall per call with a synchronize after it; images_per_s = images / summed call time; "
+    "cost_vs_generator = generator images/s / this images/s - 1",
     "limit": "unet-limit rows: the physical limit of a loop, N x the UNet's own time per call on the batch the loop "
     "feeds it (the classifier-free-guidance batch in sd): on CUDA device time, CUDA events around back-to-back "
     "replays of a CUDA graph holding that one UNet call alone; on a CPU host wall of eager calls. vs_limit = loop "

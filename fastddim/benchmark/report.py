@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fastddim.benchmark.loop import LOOP_IMPLEMENTATIONS
+from fastddim.benchmark.loop import LOOP_IMPLEMENTATIONS, loop_key
+from fastddim.benchmark.per_seed import SEEDS_MODES
 from fastddim.benchmark.sd import SD_IMPLEMENTATIONS
 from fastddim.benchmark.step import STEP_IMPLEMENTATIONS, step_key
 
@@ -71,16 +72,20 @@ def markdown_tables(results: dict) -> str:
             "## Step (one `scheduler.step`)",
             "",
             "median µs: CUDA events with a flushed L2 on GPU (device time), host wall on CPU; latency µs: host wall per "
-            "call, back-to-back. GB/s counts model_output + sample (+ noise) read and prev_sample + x_0 written.",
+            "call, back-to-back. GB/s counts model_output + sample (+ noise) read and prev_sample + x_0 written "
+            "(backward: also the two output gradients read and the two input gradients written). kind: step, inverse "
+            "(DDIM inversion), per-sample ((B,) timesteps; diffusers loops over the samples), backward (forward + "
+            "autograd.grad w.r.t. model_output and sample).",
             "",
-            "| shape | dtype | eta | thr | impl | check | median µs (p20–p80) | latency µs | GB/s | % copy | "
+            "| shape | dtype | kind | eta | thr | impl | check | median µs (p20–p80) | latency µs | GB/s | % copy | "
             "speedup | latency speedup |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         order = {key: i for i, key in enumerate(dict.fromkeys(step_key(r) for r in steps))}
         for r in sorted(steps, key=lambda r: (order[step_key(r)], _sort_key(r, STEP_ORDER))):
             lines.append(
-                f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['config']['eta']:g} | "
+                f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['config'].get('kind', 'step')} | "
+                f"{r['config']['eta']:g} | "
                 f"{'on' if r['config']['thresholding'] else 'off'} | {r['impl']} | {status(r)} | "
                 f"{_with_range(r, '.2f')} | "
                 f"{fmt(r['latency_us'], '.2f')} | {fmt(r['gb_per_s'], '.1f')} | {fmt(r['pct_of_copy_bw'], '.0f', '%')} | "
@@ -100,14 +105,11 @@ def markdown_tables(results: dict) -> str:
             "peak MiB | sched share | speedup | vs reduce-overhead | ÷ limit |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        order = {
-            key: i for i, key in enumerate(dict.fromkeys((r["model"], r["dtype"], r["batch_size"]) for r in loops))
-        }
-        for r in sorted(
-            loops, key=lambda r: (order[(r["model"], r["dtype"], r["batch_size"])], _sort_key(r, LOOP_ORDER))
-        ):
+        order = {key: i for i, key in enumerate(dict.fromkeys(loop_key(r) for r in loops))}
+        for r in sorted(loops, key=lambda r: (order[loop_key(r)], _sort_key(r, LOOP_ORDER))):
+            model = r["model"] + (" (thresholding)" if r["config"] and r["config"].get("thresholding") else "")
             lines.append(
-                f"| {r['model']} | {r['batch_size']} | {r['dtype']} | {r['impl']} | {status(r)} | "
+                f"| {model} | {r['batch_size']} | {r['dtype']} | {r['impl']} | {status(r)} | "
                 f"{fmt(r['images_per_s'], '.1f')} | {fmt(r['ms_per_step'], '.3f')} | "
                 f"{_with_range(r, '.1f', 1e-3)} | {fmt(r['capture_s'], '.2f')} | "
                 f"{fmt(r['peak_mem_mib'], '.0f')} | {fmt(None if r['scheduler_share'] is None else 100 * r['scheduler_share'], '.1f', '%')} | "
@@ -116,6 +118,7 @@ def markdown_tables(results: dict) -> str:
             )
         lines.append("")
     lines += _sd_table([r for r in records if r["benchmark"] == "sd"])
+    lines += _seeds_table([r for r in records if r["benchmark"] == "seeds"])
     reconstructions = [r for r in records if r["benchmark"] == "reconstruction"]
     if reconstructions:
         lines += [
@@ -168,6 +171,38 @@ def _sd_table(records: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _seeds_table(records: list[dict]) -> list[str]:
+    """The per-seed noise table (fastddim.benchmark.per_seed), or nothing without seeds records."""
+    if not records:
+        return []
+    lines = [
+        "## Per-seed noise (seed-addressed sampling against one generator)",
+        "",
+        "fastddim.DDIMPipeline calls (output_type='pt', no files written) over seeds 0 .. images − 1 in batches, the "
+        "three noise modes interleaved batch by batch; images/s = images / summed call time; cost = one generator's "
+        "(or no generator's) images/s / this one's − 1.",
+        "",
+        "| model | batch | dtype | steps | eta | noise | status | images | images/s | call ms (p20–p80) | "
+        "first call s | cost vs generator | cost vs no generator |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = tuple(SEEDS_MODES)
+
+    def case_key(r: dict) -> tuple:
+        return (r["model"], r["batch_size"], r["dtype"], r["num_inference_steps"], r["config"]["eta"])
+
+    cases = {key: i for i, key in enumerate(dict.fromkeys(case_key(r) for r in records))}
+    for r in sorted(records, key=lambda r: (cases[case_key(r)], _sort_key(r, order))):
+        costs = [None if r[k] is None else 100 * r[k] for k in ("cost_vs_generator", "cost_vs_no_generator")]
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r['dtype']} | {r['num_inference_steps']} | {r['config']['eta']:g} | "
+            f"{r['impl']} | {status(r)} | {fmt(r['images'], 'd')} | {fmt(r['images_per_s'], '.1f')} | "
+            f"{_with_range(r, '.1f', 1e-3)} | {fmt(r['first_call_s'], '.2f')} | {fmt(costs[0], '+.1f', ' %')} | "
+            f"{fmt(costs[1], '+.1f', ' %')} |"
+        )
+    return lines + [""]
+
+
 def write_plots(results: dict, out_dir: Path) -> list[Path]:
     """PNG plots: step µs (and latency) vs tensor size per implementation; loop images/s vs batch size."""
     import matplotlib
@@ -180,7 +215,11 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
     steps = [
         r
         for r in records
-        if r["benchmark"] == "step" and r["median_us"] and r["config"]["eta"] == 0 and not r["config"]["thresholding"]
+        if r["benchmark"] == "step"
+        and r["median_us"]
+        and r["config"]["eta"] == 0
+        and not r["config"]["thresholding"]
+        and r["config"].get("kind", "step") == "step"
     ]
     for field, filename, ylabel in (
         ("median_us", "step_us_vs_size.png", "µs per step (device time on GPU)"),
@@ -213,7 +252,11 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(out_dir / filename)
 
-    loops = [r for r in records if r["benchmark"] == "loop" and r["images_per_s"]]
+    loops = [
+        r
+        for r in records
+        if r["benchmark"] == "loop" and r["images_per_s"] and not (r["config"] and r["config"].get("thresholding"))
+    ]
     panels = sorted({(r["model"], r["dtype"]) for r in loops}) or [("none", "")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
     for ax, (model, dtype) in zip(axes[0], panels, strict=True):

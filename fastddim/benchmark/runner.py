@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from fastddim.benchmark import cases, loop, reconstruction, sd, step
-from fastddim.benchmark.cases import DTYPE_NAMES, LoopCase, Plan, SDCase, StepCase
+from fastddim.benchmark import cases, loop, per_seed, reconstruction, sd, step
+from fastddim.benchmark.cases import DTYPE_NAMES, LoopCase, Plan, SDCase, SeedsCase, StepCase
 from fastddim.benchmark.environment import environment_info, free_memory
 from fastddim.benchmark.records import METHODOLOGY, SCHEMA_VERSION, error_text, new_record, outcome, write_json
 from fastddim.benchmark.report import fmt, markdown_tables, status, write_plots
@@ -43,11 +43,14 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         plan.device_warmup_ms, plan.device_rep_ms = 2.0, 5.0
         plan.loop_rounds = 2
         plan.sd_cases, plan.sd_rounds = list(cases.TINY_SD_CASES), 2
+        plan.seeds_cases, plan.seeds_images = list(cases.TINY_SEEDS_CASES), 4
     elif args.quick:
         step_cases = cases.GPU_QUICK_STEP_CASES if cuda else cases.CPU_QUICK_STEP_CASES
         loop_cases = cases.GPU_QUICK_LOOP_CASES if cuda else cases.CPU_QUICK_LOOP_CASES
         plan = Plan(step_cases, step_impls, loop_cases, loop_impls)
         plan.sd_cases = list(cases.GPU_QUICK_SD_CASES if cuda else cases.CPU_QUICK_SD_CASES)
+        plan.seeds_cases = list(cases.GPU_QUICK_SEEDS_CASES if cuda else cases.CPU_QUICK_SEEDS_CASES)
+        plan.seeds_images = 1024
         plan.rounds = 5
         if not cuda:
             # Eager CPU loops have nothing to capture or compile: the untimed first call is warm-up enough.
@@ -55,7 +58,9 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
     else:
         plan = Plan(cases.GPU_STEP_CASES, step_impls, cases.GPU_LOOP_CASES, loop_impls)
         plan.sd_cases = list(cases.GPU_SD_CASES)
+        plan.seeds_cases = list(cases.GPU_SEEDS_CASES)
     plan.sd_impls = sd_impls
+    plan.seeds_modes = tuple(per_seed.SEEDS_MODES)
     if not args.tiny:
         # The DDIM paper's Table 2 steps on 256 digits; --quick on a CPU (minutes per S there) does two on 64 unless
         # the reconstruction is all it runs.
@@ -71,17 +76,25 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
             plan.sd_cases = []
         if args.only != "reconstruction":
             plan.reconstruction_steps = ()
+        if args.only != "seeds":
+            plan.seeds_cases = []
     if args.steps is not None:
         plan.num_inference_steps = args.steps
         steps_cases = (dataclasses.replace(case, num_inference_steps=args.steps) for case in plan.sd_cases)
         plan.sd_cases = list(dict.fromkeys(steps_cases))
+        seeds_cases = (dataclasses.replace(case, num_inference_steps=args.steps) for case in plan.seeds_cases)
+        plan.seeds_cases = list(dict.fromkeys(seeds_cases))
+    if getattr(args, "loop_cases", None) is not None:
+        plan.loop_cases = [case for case in plan.loop_cases if args.loop_cases.search(case.label)]
     if getattr(args, "sd_cases", None) is not None:
         plan.sd_cases = [case for case in plan.sd_cases if args.sd_cases.search(case.label)]
     plan.budget_s = args.budget_s
     return plan
 
 
-Job = tuple[str, StepCase | LoopCase | SDCase | int, str]
+Job = tuple[str, StepCase | LoopCase | SDCase | SeedsCase | int, str]
+# A per-seed case times all its noise modes in one job (they are interleaved): its job's implementation name.
+SEEDS_JOB = "noise modes"
 
 
 def compiled_impls() -> set[str]:
@@ -99,6 +112,8 @@ def plan_jobs(plan: Plan) -> list[Job]:
         for case in plan.step_cases:
             for impl in plan.step_impls:
                 if (impl in compiles) != compiled:
+                    continue
+                if impl in step.STEP_IMPLEMENTATIONS and not step.STEP_IMPLEMENTATIONS[impl].runs(case.kind):
                     continue
                 if impl == "copy":
                     # The copy ceiling depends on bytes only: once per shape and dtype.
@@ -135,8 +150,10 @@ def plan_jobs(plan: Plan) -> list[Job]:
             return (case.batch_size, 0, 0, case.model)
 
         jobs = others + sorted(compiled_loops, key=compiled_order)
-    # Reconstruction needs no torch.compile: before the compiled cases, which the time budget may cut.
+    # Reconstruction and per-seed noise need no torch.compile: before the compiled cases, which the budget may cut.
     reconstructions: list[Job] = [("reconstruction", steps, "fastddim") for steps in plan.reconstruction_steps]
+    if plan.seeds_modes:
+        reconstructions += [("seeds", case, SEEDS_JOB) for case in plan.seeds_cases]
     first_compiled = next((i for i, job in enumerate(jobs) if job[2] in compiles), len(jobs))
     return jobs[:first_compiled] + reconstructions + jobs[first_compiled:]
 
@@ -175,6 +192,8 @@ def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bo
             "sd_impls": list(plan.sd_impls),
             "sd_warmup": plan.sd_warmup,
             "sd_rounds": plan.sd_rounds,
+            "seeds_modes": list(plan.seeds_modes),
+            "seeds_images": plan.seeds_images,
             "budget_s": plan.budget_s,
         },
         "methodology": METHODOLOGY,
@@ -189,9 +208,14 @@ def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bo
             elapsed = time.perf_counter() - started
             case_label = f"S={case}" if benchmark == "reconstruction" else case.label
             label = f"[{index}/{len(jobs)} {elapsed:5.0f}s] {benchmark} {case_label} {impl}"
+            produced: list[dict] = []
             if impl in compiles and elapsed > plan.budget_s:
                 record = _case_record(benchmark, case, impl, plan)
                 record["skipped"] = f"time budget of {plan.budget_s:.0f} s spent (--budget-s)"
+            elif benchmark == "seeds":
+                inputs_cache.clear()
+                produced = per_seed.run_seeds_case(case, plan.seeds_modes, device, plan)
+                record = produced.pop()
             else:
                 try:
                     if benchmark == "step":
@@ -213,8 +237,10 @@ def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bo
                     record = _case_record(benchmark, case, impl, plan)
                     record["error"] = error_text(exc)
                     free_memory(device)
-            records.append(record)
-            progress(f"{label}: {_progress_figures(record)}")
+            for done in (*produced, record):
+                records.append(done)
+                mode = f" {done['impl']}" if benchmark == "seeds" else ""
+                progress(f"{label}{mode}: {_progress_figures(done)}")
             write_json(results, out_dir)
     inputs_cache.clear()
     step.finalize_step_records(records)
@@ -240,23 +266,27 @@ def summarize_outcomes(records: list[dict]) -> dict[str, list[dict]]:
     return by_outcome
 
 
-def _case_record(benchmark: str, case: StepCase | LoopCase | SDCase | int, impl: str, plan: Plan) -> dict:
+def _case_record(benchmark: str, case: StepCase | LoopCase | SDCase | SeedsCase | int, impl: str, plan: Plan) -> dict:
     if benchmark == "reconstruction":
         name = f"reconstruction/{reconstruction.DIGITS_MODEL}/S={case}"
         return new_record(benchmark, name=name, impl=impl, dtype="fp32", num_inference_steps=case)
     if isinstance(case, SDCase):
         return sd.new_sd_record(case, impl)
+    if isinstance(case, SeedsCase):
+        return per_seed.new_seeds_record(case, impl)
     record = new_record(benchmark, name=f"{benchmark}/{case.label}/{impl}", impl=impl, dtype=DTYPE_NAMES[case.dtype])
     if isinstance(case, StepCase):
         record.update(
-            shape=list(case.shape), numel=case.numel, config={"eta": case.eta, "thresholding": case.thresholding}
+            shape=list(case.shape),
+            numel=case.numel,
+            config={"kind": case.kind, "eta": case.eta, "thresholding": case.thresholding},
         )
     else:
         record.update(
             model=case.model,
             batch_size=case.batch_size,
             num_inference_steps=plan.num_inference_steps,
-            config={"eta": 0.0, "thresholding": False},
+            config={"eta": 0.0, "thresholding": case.thresholding},
         )
     return record
 
@@ -272,6 +302,8 @@ def _progress_figures(record: dict) -> str:
             f"{fmt(record['gb_per_s'], '.1f')} GB/s, check {status(record)}"
         )
     figures = f"{fmt(record['images_per_s'], '.1f')} images/s, {fmt(record['ms_per_step'], '.3f')} ms/step"
+    if record["benchmark"] == "seeds" and record["cost_vs_generator"] is not None:
+        figures += f", {100 * record['cost_vs_generator']:+.1f} % vs one generator"
     if record["benchmark"] == "sd" and record["check"] is not None:
         figures += f", check {status(record)} (rel. L2 {fmt(record['check'].get('rel_l2_err'), '.2g')})"
     return figures

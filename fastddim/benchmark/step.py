@@ -6,8 +6,10 @@ with an int, ``torch.compile`` of diffusers' step, fastddim eager, and fastddim 
 
 To add an implementation: write a builder ``(StepInputs) -> Prepared`` (``fn`` runs one step, ``outputs`` returns
 (prev_sample, pred_original_sample) of the last call) and add an `Implementation` to ``STEP_IMPLEMENTATIONS``; its
-outputs are checked against diffusers in fp32 before it is timed. A new kind of step (e.g. an inverse step) that
-diffusers computes differently needs its own reference in `reference_step`.
+outputs are checked against diffusers in fp32 before it is timed. A case's ``kind`` (`StepCase`) selects what is
+stepped: the forward step here, the inverse, per-sample-timestep and forward + backward steps in
+`fastddim.benchmark.step_kinds` (with their diffusers references); an implementation that runs only some kinds says
+so in ``Implementation.step_kinds``.
 """
 
 from __future__ import annotations
@@ -21,10 +23,23 @@ from typing import Any
 import torch
 
 from fastddim import compat
+from fastddim.benchmark import step_kinds
 from fastddim.benchmark.cases import DTYPE_NAMES, NUM_INFERENCE_STEPS, Implementation, Plan, StepCase
 from fastddim.benchmark.environment import free_memory
 from fastddim.benchmark.records import check_step_output, error_text, new_record
+from fastddim.benchmark.step_kinds import diffusers_scheduler, fastddim_scheduler
 from fastddim.timing import capture_graph, device_time_us, graph_unroll, summarize, sync, time_wall
+
+__all__ = [
+    "STEP_IMPLEMENTATIONS",
+    "Prepared",
+    "StepInputs",
+    "diffusers_scheduler",
+    "fastddim_scheduler",
+    "make_step_inputs",
+    "reference_step",
+    "run_step_impl",
+]
 
 
 @dataclasses.dataclass
@@ -40,6 +55,9 @@ class StepInputs:
     model_output: torch.Tensor
     sample: torch.Tensor
     noise: torch.Tensor | None
+    # The per-sample kind's (B,) int64 CPU timesteps; the backward kind's (g_prev, g_x0).
+    timesteps: torch.Tensor | None = None
+    grad_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclasses.dataclass
@@ -67,17 +85,18 @@ def make_step_inputs(
     case: StepCase, device: torch.device, num_inference_steps: int = NUM_INFERENCE_STEPS
 ) -> StepInputs:
     """Realistic (non-zero, N(0, 1)) inputs at a mid-schedule timestep, seeded."""
-    import diffusers
-
     config = step_config(case)
-    scheduler = diffusers.DDIMScheduler(**config)
-    scheduler.set_timesteps(num_inference_steps)
-    timestep = int(scheduler.timesteps[len(scheduler.timesteps) // 2])
+    timestep = step_kinds.mid_timestep(case.kind, config, num_inference_steps)
     generator = torch.Generator(device="cpu").manual_seed(0)
     # Drawn in fp32 on the CPU then moved: same values on every device.
     model_output = torch.randn(case.shape, generator=generator).to(device, case.dtype)
     sample = (torch.randn(case.shape, generator=generator) * 1.5).to(device, case.dtype)
     noise = torch.randn(case.shape, generator=generator).to(device, case.dtype) if case.eta > 0 else None
+    timesteps = grad_outputs = None
+    if case.kind == "per-sample":
+        timesteps = step_kinds.per_sample_timesteps(config, num_inference_steps, case.shape[0])
+    if case.kind == "backward":
+        grad_outputs = tuple(torch.randn(case.shape, generator=generator).to(device, case.dtype) for _ in range(2))
     return StepInputs(
         case=case,
         device=device,
@@ -88,20 +107,16 @@ def make_step_inputs(
         model_output=model_output,
         sample=sample,
         noise=noise,
+        timesteps=timesteps,
+        grad_outputs=grad_outputs,
     )
 
 
-def diffusers_scheduler(inputs: StepInputs) -> Any:
-    """diffusers' DDIMScheduler with the case's config and schedule."""
-    import diffusers
-
-    scheduler = diffusers.DDIMScheduler(**inputs.config)
-    scheduler.set_timesteps(inputs.num_inference_steps)
-    return scheduler
-
-
 def reference_step(inputs: StepInputs, *, with_noise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """diffusers' step in fp32 on the inputs' device, with the pre-drawn noise (or none)."""
+    """diffusers' step in fp32 on the inputs' device, with the pre-drawn noise (or none); for the other kinds,
+    `fastddim.benchmark.step_kinds.reference`."""
+    if inputs.case.kind != "step":
+        return step_kinds.reference(inputs)
     scheduler = diffusers_scheduler(inputs)
     noise = None
     if inputs.case.eta > 0:
@@ -132,8 +147,9 @@ def step_sigma(inputs: StepInputs) -> float:
 def verify_step(
     inputs: StepInputs, outputs: Sequence[torch.Tensor], *, in_kernel_noise: bool = False
 ) -> dict[str, Any]:
-    """`check_step_output` of an implementation's outputs against `reference_step` on the same inputs."""
-    kwargs: dict[str, Any] = {}
+    """`check_step_output` of an implementation's outputs against `reference_step` on the same inputs; the inverse,
+    per-sample and backward kinds in fp32 must equal diffusers bit for bit (their issue's promise)."""
+    kwargs: dict[str, Any] = {"exact": inputs.case.kind != "step" and inputs.case.dtype == torch.float32}
     if in_kernel_noise:
         kwargs = {"noise_free_reference": reference_step(inputs, with_noise=False)[0], "sigma": step_sigma(inputs)}
     return check_step_output(list(outputs), reference_step(inputs), inputs.case.dtype, **kwargs)
@@ -155,6 +171,8 @@ def _prepare_copy(inputs: StepInputs) -> Prepared:
 
 def diffusers_step_fn(inputs: StepInputs, *, int_timestep: bool = False) -> Callable[[], Any]:
     """diffusers' eager step on the inputs, with a 0-dim device timestep (or an int) and pre-drawn noise."""
+    if inputs.case.kind != "step":
+        return step_kinds.diffusers_step_fn(inputs, int_timestep=int_timestep)
     scheduler = diffusers_scheduler(inputs)
     timestep = inputs.timestep if int_timestep else inputs.timestep_tensor
     kwargs = _noise_kwargs(inputs)
@@ -218,17 +236,10 @@ def _prepare_compile(inputs: StepInputs) -> Prepared:
     )
 
 
-def fastddim_scheduler(inputs: StepInputs) -> Any:
-    """fastddim's DDIMScheduler with the case's config, its schedule on the inputs' device."""
-    import fastddim
-
-    scheduler = fastddim.DDIMScheduler(**inputs.config)
-    scheduler.set_timesteps(inputs.num_inference_steps, device=inputs.device)
-    return scheduler
-
-
 def fastddim_step_fn(inputs: StepInputs) -> tuple[Callable[[], Any], bool]:
     """fastddim's step with a device timestep; returns (fn, whether noise is drawn in the kernel)."""
+    if inputs.case.kind != "step":
+        return step_kinds.fastddim_step_fn(inputs), False
     scheduler = fastddim_scheduler(inputs)
     # On CUDA, eta > 0 draws the noise in the kernel (the point of fusing it); the CPU torch backend would call
     # torch.randn inside the step, so there it gets diffusers' pre-drawn noise for a like-for-like comparison.
@@ -301,6 +312,7 @@ STEP_IMPLEMENTATIONS: dict[str, Implementation] = {
             _prepare_compile,
             compiles=True,
             timestep_kind="Python int (constant in the compiled graph)",
+            step_kinds=("step",),
         ),
         Implementation("fastddim", _prepare_fastddim, timestep_kind="0-dim device tensor"),
         Implementation(
@@ -312,9 +324,10 @@ STEP_IMPLEMENTATIONS: dict[str, Implementation] = {
 
 
 def bytes_per_step(case: StepCase, reads_noise: bool) -> int:
-    """Minimum traffic of one step: read model_output and sample (and noise), write prev_sample and x_0."""
+    """Minimum traffic of one step: read model_output and sample (and noise), write prev_sample and x_0; a backward
+    case also reads the two output gradients and writes the two input gradients."""
     itemsize = torch.empty((), dtype=case.dtype).element_size()
-    return (4 + int(reads_noise)) * case.numel * itemsize
+    return (step_kinds.bytes_multiplier(case.kind) + int(reads_noise)) * case.numel * itemsize
 
 
 def run_step_impl(
@@ -330,15 +343,18 @@ def run_step_impl(
         numel=case.numel,
         dtype=DTYPE_NAMES[case.dtype],
         config={
+            "kind": case.kind,
             "eta": case.eta,
             "thresholding": case.thresholding,
             "scheduler_config": inputs.config,
             "num_inference_steps": inputs.num_inference_steps,
-            "timestep": inputs.timestep,
+            "timestep": inputs.timestep if inputs.timesteps is None else inputs.timesteps.tolist(),
             "timestep_kind": STEP_IMPLEMENTATIONS[impl].timestep_kind if impl in STEP_IMPLEMENTATIONS else None,
             "noise": None,
         },
     )
+    if case.kind == "per-sample" and impl in step_kinds.PER_SAMPLE_TIMESTEP_KINDS:
+        record["config"]["timestep_kind"] = step_kinds.PER_SAMPLE_TIMESTEP_KINDS[impl]
     builder = builder or STEP_IMPLEMENTATIONS[impl].build
     try:
         prepared = builder(inputs)
@@ -407,5 +423,6 @@ def finalize_step_records(records: list[dict]) -> None:
 
 
 def step_key(record: dict) -> tuple:
-    """What makes step records comparable: shape, dtype, eta, thresholding."""
-    return (tuple(record["shape"]), record["dtype"], record["config"]["eta"], record["config"]["thresholding"])
+    """What makes step records comparable: shape, dtype, eta, thresholding, kind (``step`` in records without one)."""
+    config = record["config"]
+    return (tuple(record["shape"]), record["dtype"], config["eta"], config["thresholding"], config.get("kind", "step"))

@@ -232,6 +232,7 @@ def test_launch_plans_are_cached_per_signature(model_output_layout, sample_layou
     assert (plan.kernel is ops.ddim_step_flat_kernel) == flat
 
 
+@interpreted_kernels_not_wrappable
 @pytest.mark.parametrize("prediction_type", reference.PREDICTION_TYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_per_sample_timesteps_kernel_matches_twin_rows(prediction_type, layout, nan_poisoned_empty):

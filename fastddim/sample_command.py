@@ -292,9 +292,9 @@ def _pixel_settings(
         "dtype": str(dtype).removeprefix("torch."),
         "device_type": device.type,
         "cuda_graph": device.type == "cuda" and not args.no_cuda_graph,
-        # Where eta > 0 noise comes from: drawn in the kernel, keyed by (seed, timestep), on the Triton backend; from
-        # each seed's CPU generator on the torch backend (fastddim.seeds). Folders made otherwise must not resume.
-        "step_noise": ("keyed-philox" if device.type == "cuda" else "per-seed-generator") if args.eta > 0 else None,
+        # Where eta > 0 step noise comes from: drawn in the kernel, keyed by (seed, timestep), on CUDA; from each seed's
+        # CPU generator on the CPU (fastddim.seeds). A folder sampled with another scheme must not resume.
+        "step_noise": "keyed-philox" if device.type == "cuda" else "per-seed-generator",
         "versions": {"fastddim": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
         # A Stable Diffusion sampler's prompt, guidance, size, init image and whole-model hash.
         **(pipe.pixel_settings() if hasattr(pipe, "pixel_settings") else {}),

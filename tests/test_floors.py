@@ -6,9 +6,11 @@ from tests.helpers import REPO_ROOT
 
 
 def _project_dependencies() -> list[str]:
+    """The dependencies and the ``sd`` extra (the Stable Diffusion pipelines' transformers)."""
     text = (REPO_ROOT / "pyproject.toml").read_text()
     block = re.search(r"^dependencies = \[(.*?)^\]", text, re.MULTILINE | re.DOTALL).group(1)
-    return re.findall(r'^\s*"([^"]+)"', block, re.MULTILINE)
+    sd_extra = re.search(r"^sd = \[(.*?)\]", text, re.MULTILINE).group(1)
+    return re.findall(r'^\s*"([^"]+)"', block, re.MULTILINE) + re.findall(r'"([^"]+)"', sd_extra)
 
 
 def test_every_floor_is_pinned_in_the_floor_constraints():

@@ -22,8 +22,8 @@ from diffusers.schedulers.scheduling_ddim_inverse import DDIMSchedulerOutput as 
 
 from fastddim import reference
 from fastddim.compat import tensor_version
-from fastddim.scheduler import BETA_SCHEDULES, UnsupportedConfigError
-from fastddim.stepping import backend_for, check_sample_pair, is_int, is_real, resolve_timestep, run_step
+from fastddim.scheduler import UnsupportedConfigError, check_schedule_config
+from fastddim.stepping import backend_for, check_sample_pair, is_int, resolve_timestep, run_step
 from fastddim.utils import BoundedCache, normalize_device
 
 INVERSE_TIMESTEP_SPACINGS = ("leading", "trailing")
@@ -78,22 +78,15 @@ class DDIMInverseScheduler(_DiffusersDDIMInverseScheduler):
         rescale_betas_zero_snr: bool = False,
         **kwargs,
     ):
-        if not is_int(num_train_timesteps) or num_train_timesteps <= 0:
-            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
-        if trained_betas is None and beta_schedule not in BETA_SCHEDULES:
-            raise UnsupportedConfigError(
-                f"beta_schedule must be one of {BETA_SCHEDULES} (or pass trained_betas), got {beta_schedule!r}"
-            )
+        check_schedule_config(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, steps_offset, clip_sample_range
+        )
         if prediction_type not in reference.PREDICTION_TYPES:
             raise UnsupportedConfigError(
                 f"prediction_type must be one of {reference.PREDICTION_TYPES}, got {prediction_type!r}"
             )
         # timestep_spacing is checked by set_timesteps, as diffusers does: pipelines build this class from another
         # scheduler's config (DDIMInverseScheduler.from_config(pipe.scheduler.config)), linspace included.
-        if not is_int(steps_offset):
-            raise TypeError(f"steps_offset must be an int, got {steps_offset!r}")
-        if not is_real(clip_sample_range) or clip_sample_range < 0:
-            raise ValueError(f"clip_sample_range must be a number >= 0, got {clip_sample_range!r}")
         super().__init__(
             num_train_timesteps=num_train_timesteps,
             beta_start=beta_start,

@@ -120,24 +120,10 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
         rescale_betas_zero_snr: bool = False,
         prev_timestep_from_schedule: bool = False,
     ):
-        if not is_int(num_train_timesteps) or num_train_timesteps <= 0:
-            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
-        if trained_betas is None:
-            if beta_schedule not in BETA_SCHEDULES:
-                raise UnsupportedConfigError(
-                    f"beta_schedule must be one of {BETA_SCHEDULES} (or pass trained_betas), got {beta_schedule!r}"
-                )
-            if not (is_real(beta_start) and is_real(beta_end)) or beta_start < 0 or beta_end < beta_start:
-                raise ValueError(
-                    f"need 0 <= beta_start <= beta_end, got beta_start={beta_start!r}, beta_end={beta_end!r}"
-                )
-        elif len(trained_betas) == 0:
-            raise ValueError("trained_betas must not be empty")
+        check_schedule_config(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, steps_offset, clip_sample_range
+        )
         _check_step_config(prediction_type, timestep_spacing, dynamic_thresholding_ratio, sample_max_value)
-        if not is_int(steps_offset):
-            raise TypeError(f"steps_offset must be an int, got {steps_offset!r}")
-        if not is_real(clip_sample_range) or clip_sample_range < 0:
-            raise ValueError(f"clip_sample_range must be a number >= 0, got {clip_sample_range!r}")
 
         super().__init__(
             num_train_timesteps=num_train_timesteps,
@@ -449,6 +435,37 @@ class DDIMScheduler(_DiffusersDDIMScheduler):
     @staticmethod
     def _backend_for(sample: torch.Tensor) -> str:
         return backend_for(sample)
+
+
+def check_schedule_config(
+    num_train_timesteps: object,
+    beta_start: object,
+    beta_end: object,
+    beta_schedule: object,
+    trained_betas: object,
+    steps_offset: object,
+    clip_sample_range: object,
+) -> None:
+    """Checks the noise-schedule arguments both DDIM schedulers (forward and inverse) take.
+
+    Raises:
+        ValueError, TypeError, UnsupportedConfigError: naming the argument and what was expected.
+    """
+    if not is_int(num_train_timesteps) or num_train_timesteps <= 0:
+        raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+    if trained_betas is None:
+        if beta_schedule not in BETA_SCHEDULES:
+            raise UnsupportedConfigError(
+                f"beta_schedule must be one of {BETA_SCHEDULES} (or pass trained_betas), got {beta_schedule!r}"
+            )
+        if not (is_real(beta_start) and is_real(beta_end)) or beta_start < 0 or beta_end < beta_start:
+            raise ValueError(f"need 0 <= beta_start <= beta_end, got beta_start={beta_start!r}, beta_end={beta_end!r}")
+    elif len(trained_betas) == 0:
+        raise ValueError("trained_betas must not be empty")
+    if not is_int(steps_offset):
+        raise TypeError(f"steps_offset must be an int, got {steps_offset!r}")
+    if not is_real(clip_sample_range) or clip_sample_range < 0:
+        raise ValueError(f"clip_sample_range must be a number >= 0, got {clip_sample_range!r}")
 
 
 def _check_step_config(

@@ -510,7 +510,20 @@ def load_pipeline(model: str | None, device: torch.device, dtype: torch.dtype) -
             scheduler = DDIMScheduler()
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise UsageError(f"--model {folder}: cannot load it ({load_error_text(exc)})") from None
-    problems = [
+    problems = loading_problems(loading)
+    if problems:
+        raise UsageError(f"--model {folder}: the weights do not match the UNet config: {'; '.join(problems)}")
+
+    pipe = DDIMPipeline(unet=unet, scheduler=scheduler).to(device)
+    pipe.unet.eval()
+    about = {"path": str(folder.resolve()), "unet_files_sha256": folder_sha256(unet_folder)}
+    return pipe, about
+
+
+def loading_problems(loading: dict) -> list[str]:
+    """What a ``from_pretrained(..., output_loading_info=True)`` report says is wrong with the weights, one phrase
+    per kind (missing, of another shape, unexpected); empty when every weight fits."""
+    return [
         f"{len(loading[key])} {what} (e.g. {sorted(loading[key])[0]!r})"
         for key, what in (
             ("missing_keys", "weights missing"),
@@ -519,13 +532,6 @@ def load_pipeline(model: str | None, device: torch.device, dtype: torch.dtype) -
         )
         if loading.get(key)
     ]
-    if problems:
-        raise UsageError(f"--model {folder}: the weights do not match the UNet config: {'; '.join(problems)}")
-
-    pipe = DDIMPipeline(unet=unet, scheduler=scheduler).to(device)
-    pipe.unet.eval()
-    about = {"path": str(folder.resolve()), "unet_files_sha256": folder_sha256(unet_folder)}
-    return pipe, about
 
 
 def load_error_text(exc: BaseException) -> str:

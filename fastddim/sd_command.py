@@ -347,15 +347,9 @@ def _load_component(folder: pathlib.Path, name: str, index: dict, dtype: torch.d
         # version-dependent name.
         module, loading = model_class.from_pretrained(folder / name, output_loading_info=True)
         module = module.to(dtype)
-    problems = [
-        f"{len(loading[key])} {what} (e.g. {sorted(loading[key])[0]!r})"
-        for key, what in (
-            ("missing_keys", "weights missing"),
-            ("mismatched_keys", "weights of another shape"),
-            ("unexpected_keys", "weights the config has no place for"),
-        )
-        if loading.get(key)
-    ]
+    from fastddim.sample_command import loading_problems
+
+    problems = loading_problems(loading)
     if problems:
         raise UsageError(f"--model {folder}: the {name} weights do not match its config: {'; '.join(problems)}")
     return module

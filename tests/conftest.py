@@ -78,3 +78,10 @@ def stand_in_graphs(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     monkeypatch.setattr(fastddim.graphs, "capture_graph", capture_graph)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     return captures
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once per scheduler backend (FASTDDIM_BACKEND): the PyTorch twin, and the Triton kernels."""
+    monkeypatch.setenv("FASTDDIM_BACKEND", request.param)
+    return request.param

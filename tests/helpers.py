@@ -13,6 +13,11 @@ import triton
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+HAS_CUDA = torch.cuda.is_available()
+# Where each scheduler backend runs in the tests (the `backend` fixture of tests/conftest.py): Triton on CUDA, or in
+# its CPU interpreter without a GPU.
+BACKEND_DEVICES = {"torch": "cpu", "triton": "cuda" if HAS_CUDA else "cpu"}
+
 # Version skips, for what only an older Triton CPU interpreter (or torch's support for it) gets wrong: never on a GPU.
 # Each names the version at fault; CI runs the suite on the pyproject.toml floors (.ci/floor-constraints.txt) too.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # conftest.py sets it before this import

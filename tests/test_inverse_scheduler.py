@@ -16,18 +16,10 @@ from hypothesis import strategies as st
 
 import fastddim
 from fastddim import DDIMInverseScheduler, reference
+from tests.helpers import BACKEND_DEVICES
 from tests.test_scheduler import _deterministic_sample, assert_matches_diffusers, dummy_model
 
 pytestmark = pytest.mark.interpreter
-
-HAS_CUDA = torch.cuda.is_available()
-BACKEND_DEVICES = {"torch": "cpu", "triton": "cuda" if HAS_CUDA else "cpu"}
-
-
-@pytest.fixture(params=list(BACKEND_DEVICES))
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("FASTDDIM_BACKEND", request.param)
-    return request.param
 
 
 def make_pair(**config) -> tuple[DiffusersDDIMInverseScheduler, DDIMInverseScheduler]:

@@ -20,18 +20,11 @@ from hypothesis import strategies as st
 
 import fastddim
 from fastddim import DDIMScheduler
+from tests.helpers import BACKEND_DEVICES
 
 pytestmark = pytest.mark.interpreter
 
-HAS_CUDA = torch.cuda.is_available()
-BACKEND_DEVICES = {"torch": "cpu", "triton": "cuda" if HAS_CUDA else "cpu"}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-@pytest.fixture(params=list(BACKEND_DEVICES))
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("FASTDDIM_BACKEND", request.param)
-    return request.param
 
 
 def dummy_model(sample: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:

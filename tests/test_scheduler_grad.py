@@ -17,18 +17,11 @@ from diffusers import DDIMInverseScheduler as DiffusersDDIMInverseScheduler
 from diffusers import DDIMScheduler as DiffusersDDIMScheduler
 
 from fastddim import DDIMInverseScheduler, DDIMScheduler
+from tests.helpers import BACKEND_DEVICES
 
 pytestmark = pytest.mark.interpreter
 
-HAS_CUDA = torch.cuda.is_available()
-BACKEND_DEVICES = {"torch": "cpu", "triton": "cuda" if HAS_CUDA else "cpu"}
 THREE_TERM_TOLERANCE = dict(rtol=4 * torch.finfo(torch.float32).eps, atol=1e-7)
-
-
-@pytest.fixture(params=list(BACKEND_DEVICES))
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("FASTDDIM_BACKEND", request.param)
-    return request.param
 
 
 def _leaves(shape, device, dtype=torch.float32, seed=0, count=2):

@@ -15,18 +15,9 @@ from hypothesis import strategies as st
 
 import fastddim
 from fastddim import DDIMInverseScheduler, DDIMScheduler
-from tests.helpers import interpreted_kernels_not_wrappable
+from tests.helpers import BACKEND_DEVICES, interpreted_kernels_not_wrappable
 
 pytestmark = pytest.mark.interpreter
-
-HAS_CUDA = torch.cuda.is_available()
-BACKEND_DEVICES = {"torch": "cpu", "triton": "cuda" if HAS_CUDA else "cpu"}
-
-
-@pytest.fixture(params=list(BACKEND_DEVICES))
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("FASTDDIM_BACKEND", request.param)
-    return request.param
 
 
 def _inputs(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -16,18 +16,9 @@ import torch
 from diffusers import DDIMScheduler as DiffusersDDIMScheduler
 
 from fastddim import DDIMInverseScheduler, DDIMScheduler, reference
-from tests.helpers import REPO_ROOT
+from tests.helpers import BACKEND_DEVICES, REPO_ROOT
 
 pytestmark = pytest.mark.interpreter
-
-HAS_CUDA = torch.cuda.is_available()
-BACKEND_DEVICES = {"torch": "cpu", "triton": "cuda" if HAS_CUDA else "cpu"}
-
-
-@pytest.fixture(params=list(BACKEND_DEVICES))
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("FASTDDIM_BACKEND", request.param)
-    return request.param
 
 
 def _pair_step(ours, theirs, device, t=501, **kwargs):

@@ -13,6 +13,7 @@ from fastddim.pipelines.loop import (
     ConditionalLoopMixin,
     batch_size_of,
     call_signature,
+    guidance_batch_embeddings,
     guidance_embedding,
 )
 from fastddim.pipelines.stable_diffusion import finish_stable_diffusion
@@ -55,19 +56,9 @@ class StableDiffusionImg2ImgPipeline(ConditionalLoopMixin, diffusers.StableDiffu
         batch_size = batch_size_of(prompt, prompt_embeds)
         num_images_per_prompt = a["num_images_per_prompt"]
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            self.do_classifier_free_guidance,
-            a["negative_prompt"],
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            lora_scale=None,
-            clip_skip=self.clip_skip,
+        prompt_embeds = guidance_batch_embeddings(
+            self, prompt, device, num_images_per_prompt, a["negative_prompt"], prompt_embeds, negative_prompt_embeds
         )
-        if self.do_classifier_free_guidance:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
         image = self.image_processor.preprocess(a["image"])
         self._set_timesteps(a["num_inference_steps"], device, use_graph)

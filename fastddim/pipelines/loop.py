@@ -304,6 +304,33 @@ def guidance_embedding(pipe: Any, num_images: int, device: torch.device, dtype: 
     ).to(device=device, dtype=dtype)
 
 
+def guidance_batch_embeddings(
+    pipe: Any,
+    prompt: str | list[str] | None,
+    device: torch.device,
+    num_images_per_prompt: int,
+    negative_prompt: str | list[str] | None,
+    prompt_embeds: torch.Tensor | None,
+    negative_prompt_embeds: torch.Tensor | None,
+) -> torch.Tensor:
+    """The text embeddings the UNet takes, as diffusers' SD and img2img pipelines build them: the prompt encoded by
+    the pipeline's own ``encode_prompt``, with the negative embeddings first under classifier-free guidance."""
+    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+        prompt,
+        device,
+        num_images_per_prompt,
+        pipe.do_classifier_free_guidance,
+        negative_prompt,
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds,
+        lora_scale=None,
+        clip_skip=pipe.clip_skip,
+    )
+    if pipe.do_classifier_free_guidance:
+        return torch.cat([negative_prompt_embeds, prompt_embeds])
+    return prompt_embeds
+
+
 def batch_size_of(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
     """diffusers' batch size of a call: the number of prompts, or of prompt embeddings."""
     if prompt is not None and isinstance(prompt, str):

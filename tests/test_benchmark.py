@@ -83,8 +83,18 @@ def test_tiny_run_writes_results_table_and_plots(tmp_path, capsys):
     assert limit_row["vs_limit"] == 1.0 and limit_row["check"] is None
     assert diffusers_loop["vs_limit"] == pytest.approx(diffusers_loop["median_us"] / limit_row["median_us"])
 
+    # The eager loops timed alternately: fastddim's checked against diffusers' (bit-identical on the CPU in fp32).
+    eager_records = [r for r in results["records"] if r["benchmark"] == "eager"]
+    assert {(r["model"], r["impl"]) for r in eager_records} == {
+        (model, impl) for model in ("tiny", "tiny-sd") for impl in ("diffusers", "fastddim-eager")
+    }
+    for record in eager_records:
+        if record["impl"] == "fastddim-eager":
+            assert record["check"]["rel_l2_err"] == 0.0 and record["paired_speedup_vs_diffusers"] > 0
+
     table = (out / "results.md").read_text()
     assert "| fastddim |" in table and "## Loop" in table and "need a CUDA GPU" in table
+    assert "## Eager loops, interleaved" in table
     assert "| ÷ limit |" in table and "| unet-limit |" in table and "## Text-to-image loop" in table
     plots = ("step_us_vs_size.png", "step_latency_vs_size.png", "loop_images_per_s.png")
     for name in plots:
@@ -508,7 +518,8 @@ def test_targets_of_the_committed_h100_run(targets, capsys):
         "loop time <= 1.05x the limit (fastddim-graph; limit: N x captured UNet call alone, device time)": "–",
         "never slower than the best other implementation (best other / best fastddim graph)": "yes",
         # The eager loop at fp32 batch 1: 0.64x diffusers' (the pipelines issue's finding).
-        "fastddim-eager never slower than diffusers eager": "**no**",
+        "fastddim-eager never slower than diffusers eager (loop tables: ratio of medians, cases timed one after the "
+        "other)": "**no**",
         "thresholded step (CUDA graph) <= 4x a plain captured step at 16x3x64x64 fp32 and 4x3x256x256 fp16": "–",
         # 42.5x at 16x3x64x64 fp32 but 26.8x at 4x3x256x256 fp16.
         "thresholded step (CUDA graph) >= 40x diffusers' thresholded step at the same shapes, device time": "**no**",

@@ -8,6 +8,7 @@
 #   bench/tools/gpu_session.sh bench-loop  # fastddim bench --only loop, unthresholded (about 6 minutes on an H100)
 #   bench/tools/gpu_session.sh bench-threshold-loop  # pixel-space loops with thresholding, no compile (~1 minute)
 #   bench/tools/gpu_session.sh bench-seeds # per-seed noise vs one generator, cifar10-32 b256 fp16 (~3 minutes)
+#   bench/tools/gpu_session.sh eager       # diffusers' and fastddim's eager loops interleaved, then profiled (~3 min)
 #   bench/tools/gpu_session.sh bench-sd    # text-to-image loops, SD1.5 architecture fp16 (about 5 minutes on an H100)
 #   bench/tools/gpu_session.sh bench-sdxl  # text-to-image loops, SDXL architecture and SD1.5 in fp32 (about 4 minutes)
 #   bench/tools/gpu_session.sh regression  # pytest bench/ against the committed baseline, saving this run (~2 min)
@@ -17,11 +18,11 @@
 #
 # Results go to $RESULTS (default: ${OUT:-bench-out}/<device-slug>/), ready to copy into bench/results/<device-slug>/
 # (the step, loop, text-to-image and per-seed runs write separate results.json files under step/, loop/, loop-threshold/,
-# sd/, sdxl/ and seeds/: merge them as the committed
+# sd/, sdxl/, seeds/ and eager/: merge them as the committed
 # bench/results/nvidia-h100-80gb-hbm3/results.json was, see its "runs" and "notes"). The device's copy of the
 # repository may carry a stale .git: results.json records `git describe --dirty`, so check the commit you sent.
 set -uo pipefail
-: "${1:?usage: gpu_session.sh PHASE... (tests, overhead, bench-step, bench-loop, bench-threshold-loop, bench-seeds, bench-sd, bench-sdxl, regression)}"
+: "${1:?usage: gpu_session.sh PHASE... (tests, overhead, eager, bench-step, bench-loop, bench-threshold-loop, bench-seeds, bench-sd, bench-sdxl, regression)}"
 slug=$(python -m fastddim.benchmark --print-device-slug)
 results=${RESULTS:-${OUT:-bench-out}/$slug}
 mkdir -p "$results"
@@ -56,6 +57,13 @@ for phase in "$@"; do
         # fp16, 10 and 50 steps, eta 0 and 1: seeds=[...] against one generator and against none, interleaved.
         python -m fastddim.benchmark --only seeds --no-plots --out "$results/seeds" 2>&1 | tail -n 30
         python bench/targets.py "$results/seeds/results.json"
+        ;;
+    eager)
+        # The pipelines issue's eager-loop question: the two eager loops alternating round by round on one UNet
+        # (fastddim.benchmark.eager), then a torch.profiler view of one call of each, in both orders.
+        python -m fastddim.benchmark --only eager --no-plots --out "$results/eager" 2>&1 | tail -n 25
+        python bench/targets.py "$results/eager/results.json" | grep -i eager
+        python bench/tools/profile_eager_loop.py 2>&1 | tee "$results/eager_loop_profile.txt" | tail -n 60
         ;;
     bench-sd)
         # SD1.5 architecture, fp16, batch 1 and 4, 30 and 50 steps: the eager and graph loops and the limit (about

@@ -172,6 +172,10 @@ class Plan:
     seeds_cases: list[SeedsCase] = dataclasses.field(default_factory=list)
     seeds_modes: tuple[str, ...] = ()
     seeds_images: int = 4096
+    # The eager loops of diffusers and fastddim, alternately (fastddim.benchmark.eager): unconditional (LoopCase, the
+    # run's num_inference_steps) and text-to-image (SDCase) cases, eager_rounds rounds after one warm-up call each.
+    eager_cases: list[LoopCase | SDCase] = dataclasses.field(default_factory=list)
+    eager_rounds: int = 10
 
 
 F16, F32 = torch.float16, torch.float32
@@ -245,6 +249,17 @@ GPU_QUICK_SD_CASES = [SDCase("sd15", 1, F16, 30)]
 # The SD1.5 UNet takes seconds per call on a small CPU: GPU runs only.
 CPU_QUICK_SD_CASES: list[SDCase] = []
 TINY_SD_CASES = [SDCase("tiny-sd", 2, F32, 2), SDCase("tiny-sdxl", 1, F32, 2)]
+
+# The eager loops against diffusers', interleaved: batch 1 (host-bound) in both dtypes for both unconditional UNets,
+# cifar10-32 at batch 16 in fp32, and the SD1.5 architecture at batch 1. About 2 minutes on an H100.
+GPU_EAGER_CASES: list[LoopCase | SDCase] = [
+    *(LoopCase(model, 1, dtype) for model in ("cifar10-32", "digits") for dtype in (F16, F32)),
+    LoopCase("cifar10-32", 16, F32),
+    *(SDCase("sd15", 1, dtype, 30) for dtype in (F16, F32)),
+]
+GPU_QUICK_EAGER_CASES: list[LoopCase | SDCase] = [LoopCase("digits", 1, F16)]
+CPU_QUICK_EAGER_CASES: list[LoopCase | SDCase] = [LoopCase("digits", 1, F32)]
+TINY_EAGER_CASES: list[LoopCase | SDCase] = [LoopCase("tiny", 1, F32), SDCase("tiny-sd", 1, F32, 2)]
 
 # Per-seed noise: `fastddim sample --seeds 0-4095` at batch 256 with the CIFAR-10 architecture, fp16, 10 and 50 steps,
 # eta 0 and 1 (eta 1 draws noise every step). About 2 minutes on an H100.

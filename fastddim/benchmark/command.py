@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--only",
-        choices=("all", "step", "loop", "sd", "reconstruction", "seeds"),
+        choices=("all", "step", "loop", "sd", "reconstruction", "seeds", "eager"),
         default="all",
         help="which benchmark to run",
     )

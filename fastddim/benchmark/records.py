@@ -105,12 +105,26 @@ SEEDS_KEYS = (
     "cost_vs_no_generator",
 )
 
+# The eager loops of diffusers and fastddim timed alternately (fastddim.benchmark.eager).
+EAGER_KEYS = (
+    "model",
+    "shape",
+    "batch_size",
+    "num_inference_steps",
+    "images_per_s",
+    "ms_per_step",
+    "paired_speedup_vs_diffusers",
+    "paired_speedup_p20",
+    "paired_speedup_p80",
+)
+
 BENCHMARK_KEYS = {
     "step": STEP_KEYS,
     "loop": LOOP_KEYS,
     "sd": SD_KEYS,
     "reconstruction": RECONSTRUCTION_KEYS,
     "seeds": SEEDS_KEYS,
+    "eager": EAGER_KEYS,
 }
 
 # (atol, rtol) against diffusers' step computed in fp32 on the same inputs.

@@ -119,6 +119,7 @@ def markdown_tables(results: dict) -> str:
         lines.append("")
     lines += _sd_table([r for r in records if r["benchmark"] == "sd"])
     lines += _seeds_table([r for r in records if r["benchmark"] == "seeds"])
+    lines += _eager_table([r for r in records if r["benchmark"] == "eager"])
     reconstructions = [r for r in records if r["benchmark"] == "reconstruction"]
     if reconstructions:
         lines += [
@@ -199,6 +200,35 @@ def _seeds_table(records: list[dict]) -> list[str]:
             f"{r['impl']} | {status(r)} | {fmt(r['images'], 'd')} | {fmt(r['images_per_s'], '.1f')} | "
             f"{_with_range(r, '.1f', 1e-3)} | {fmt(r['first_call_s'], '.2f')} | {fmt(costs[0], '+.1f', ' %')} | "
             f"{fmt(costs[1], '+.1f', ' %')} |"
+        )
+    return lines + [""]
+
+
+def _eager_table(records: list[dict]) -> list[str]:
+    """The interleaved eager-loop table (fastddim.benchmark.eager), or nothing without eager records."""
+    if not records:
+        return []
+    lines = [
+        "## Eager loops, interleaved (diffusers vs fastddim with cuda_graph=False)",
+        "",
+        "Host wall per pipeline call, the two implementations alternating round by round on one UNet (order swapped "
+        "every round); paired speedup = median over rounds of diffusers' time / fastddim's in the same round (p20–p80); "
+        "check = relative L2 error vs diffusers from the same initial noise.",
+        "",
+        "| pipeline | model | batch | dtype | steps | impl | status | rel. L2 err | ms/step | call ms (p20–p80) | "
+        "speedup (medians) | paired speedup (p20–p80) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        rel = None if r["check"] is None else r["check"].get("rel_l2_err")
+        paired = fmt(r["paired_speedup_vs_diffusers"], ".3f", "×")
+        if r["paired_speedup_p20"] is not None:
+            paired += f" ({r['paired_speedup_p20']:.3f}–{r['paired_speedup_p80']:.3f})"
+        lines.append(
+            f"| {r['config']['pipeline']} | {r['model']} | {r['batch_size']} | {r['dtype']} | "
+            f"{fmt(r['num_inference_steps'], 'd')} | {r['impl']} | {status(r)} | {fmt(rel, '.1e')} | "
+            f"{fmt(r['ms_per_step'], '.3f')} | {_with_range(r, '.1f', 1e-3)} | "
+            f"{fmt(r['speedup_vs_diffusers'], '.3f', '×')} | {paired} |"
         )
     return lines + [""]
 

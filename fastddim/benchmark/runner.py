@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fastddim.benchmark import cases, loop, per_seed, reconstruction, sd, step
+from fastddim.benchmark import cases, eager, loop, per_seed, reconstruction, sd, step
 from fastddim.benchmark.cases import DTYPE_NAMES, LoopCase, Plan, SDCase, SeedsCase, StepCase
 from fastddim.benchmark.environment import environment_info, free_memory
 from fastddim.benchmark.records import METHODOLOGY, SCHEMA_VERSION, error_text, new_record, outcome, write_json
@@ -44,6 +44,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         plan.loop_rounds = 2
         plan.sd_cases, plan.sd_rounds = list(cases.TINY_SD_CASES), 2
         plan.seeds_cases, plan.seeds_images = list(cases.TINY_SEEDS_CASES), 4
+        plan.eager_cases, plan.eager_rounds = list(cases.TINY_EAGER_CASES), 2
     elif args.quick:
         step_cases = cases.GPU_QUICK_STEP_CASES if cuda else cases.CPU_QUICK_STEP_CASES
         loop_cases = cases.GPU_QUICK_LOOP_CASES if cuda else cases.CPU_QUICK_LOOP_CASES
@@ -51,6 +52,8 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         plan.sd_cases = list(cases.GPU_QUICK_SD_CASES if cuda else cases.CPU_QUICK_SD_CASES)
         plan.seeds_cases = list(cases.GPU_QUICK_SEEDS_CASES if cuda else cases.CPU_QUICK_SEEDS_CASES)
         plan.seeds_images = 1024
+        plan.eager_cases = list(cases.GPU_QUICK_EAGER_CASES if cuda else cases.CPU_QUICK_EAGER_CASES)
+        plan.eager_rounds = 6
         plan.rounds = 5
         if not cuda:
             # Eager CPU loops have nothing to capture or compile: the untimed first call is warm-up enough.
@@ -59,6 +62,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         plan = Plan(cases.GPU_STEP_CASES, step_impls, cases.GPU_LOOP_CASES, loop_impls)
         plan.sd_cases = list(cases.GPU_SD_CASES)
         plan.seeds_cases = list(cases.GPU_SEEDS_CASES)
+        plan.eager_cases = list(cases.GPU_EAGER_CASES)
     plan.sd_impls = sd_impls
     plan.seeds_modes = tuple(per_seed.SEEDS_MODES)
     if not args.tiny:
@@ -78,12 +82,19 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
             plan.reconstruction_steps = ()
         if args.only != "seeds":
             plan.seeds_cases = []
+        if args.only != "eager":
+            plan.eager_cases = []
     if args.steps is not None:
         plan.num_inference_steps = args.steps
         steps_cases = (dataclasses.replace(case, num_inference_steps=args.steps) for case in plan.sd_cases)
         plan.sd_cases = list(dict.fromkeys(steps_cases))
         seeds_cases = (dataclasses.replace(case, num_inference_steps=args.steps) for case in plan.seeds_cases)
         plan.seeds_cases = list(dict.fromkeys(seeds_cases))
+        eager_cases = (
+            dataclasses.replace(case, num_inference_steps=args.steps) if isinstance(case, SDCase) else case
+            for case in plan.eager_cases
+        )
+        plan.eager_cases = list(dict.fromkeys(eager_cases))
     if getattr(args, "loop_cases", None) is not None:
         plan.loop_cases = [case for case in plan.loop_cases if args.loop_cases.search(case.label)]
     if getattr(args, "sd_cases", None) is not None:
@@ -95,6 +106,8 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
 Job = tuple[str, StepCase | LoopCase | SDCase | SeedsCase | int, str]
 # A per-seed case times all its noise modes in one job (they are interleaved): its job's implementation name.
 SEEDS_JOB = "noise modes"
+# An eager case times diffusers' and fastddim's eager loops in one job (interleaved).
+EAGER_JOB = "eager loops"
 
 
 def compiled_impls() -> set[str]:
@@ -154,6 +167,7 @@ def plan_jobs(plan: Plan) -> list[Job]:
     reconstructions: list[Job] = [("reconstruction", steps, "fastddim") for steps in plan.reconstruction_steps]
     if plan.seeds_modes:
         reconstructions += [("seeds", case, SEEDS_JOB) for case in plan.seeds_cases]
+    reconstructions += [("eager", case, EAGER_JOB) for case in plan.eager_cases]
     first_compiled = next((i for i, job in enumerate(jobs) if job[2] in compiles), len(jobs))
     return jobs[:first_compiled] + reconstructions + jobs[first_compiled:]
 
@@ -194,6 +208,7 @@ def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bo
             "sd_rounds": plan.sd_rounds,
             "seeds_modes": list(plan.seeds_modes),
             "seeds_images": plan.seeds_images,
+            "eager_rounds": plan.eager_rounds,
             "budget_s": plan.budget_s,
         },
         "methodology": METHODOLOGY,
@@ -215,6 +230,10 @@ def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bo
             elif benchmark == "seeds":
                 inputs_cache.clear()
                 produced = per_seed.run_seeds_case(case, plan.seeds_modes, device, plan)
+                record = produced.pop()
+            elif benchmark == "eager":
+                inputs_cache.clear()
+                produced = eager.run_eager_case(case, device, plan)
                 record = produced.pop()
             else:
                 try:
@@ -239,7 +258,7 @@ def run_benchmarks(plan: Plan, device: torch.device, out_dir: Path, *, plots: bo
                     free_memory(device)
             for done in (*produced, record):
                 records.append(done)
-                mode = f" {done['impl']}" if benchmark == "seeds" else ""
+                mode = f" {done['impl']}" if benchmark in ("seeds", "eager") else ""
                 progress(f"{label}{mode}: {_progress_figures(done)}")
             write_json(results, out_dir)
     inputs_cache.clear()
@@ -267,6 +286,8 @@ def summarize_outcomes(records: list[dict]) -> dict[str, list[dict]]:
 
 
 def _case_record(benchmark: str, case: StepCase | LoopCase | SDCase | SeedsCase | int, impl: str, plan: Plan) -> dict:
+    if benchmark == "eager":
+        return eager.new_eager_record(case, impl)
     if benchmark == "reconstruction":
         name = f"reconstruction/{reconstruction.DIGITS_MODEL}/S={case}"
         return new_record(benchmark, name=name, impl=impl, dtype="fp32", num_inference_steps=case)
@@ -304,6 +325,8 @@ def _progress_figures(record: dict) -> str:
     figures = f"{fmt(record['images_per_s'], '.1f')} images/s, {fmt(record['ms_per_step'], '.3f')} ms/step"
     if record["benchmark"] == "seeds" and record["cost_vs_generator"] is not None:
         figures += f", {100 * record['cost_vs_generator']:+.1f} % vs one generator"
-    if record["benchmark"] == "sd" and record["check"] is not None:
+    if record["benchmark"] == "eager" and record["paired_speedup_vs_diffusers"] is not None:
+        figures += f", {record['paired_speedup_vs_diffusers']:.2f}x diffusers (paired)"
+    if record["benchmark"] in ("sd", "eager") and record["check"] is not None:
         figures += f", check {status(record)} (rel. L2 {fmt(record['check'].get('rel_l2_err'), '.2g')})"
     return figures

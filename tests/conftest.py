@@ -5,7 +5,10 @@ decorates a function, so it must be set here, before any test module imports ``f
 """
 
 import contextlib
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -85,3 +88,13 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Runs a test once per scheduler backend (FASTDDIM_BACKEND): the PyTorch twin, and the Triton kernels."""
     monkeypatch.setenv("FASTDDIM_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def targets() -> ModuleType:
+    """bench/targets.py, the issues' performance targets (a script, not part of the package), as a module."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "targets.py"
+    spec = importlib.util.spec_from_file_location("bench_targets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

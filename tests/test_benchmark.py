@@ -4,7 +4,6 @@ targets script (``bench/targets.py``); the users' CI plugin (`fastddim.testing`)
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import json
 import subprocess
 import sys
@@ -457,14 +456,6 @@ def test_bench_option_types_are_usage_errors(capsys):
 
 
 # ------------------------------------------------------------------------------------------------ bench/targets.py
-
-
-@pytest.fixture(scope="module")
-def targets():
-    spec = importlib.util.spec_from_file_location("bench_targets", REPO / "bench" / "targets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _step(impl: str, shape: list[int], median_us: float | None, thresholding: bool = False, **fields) -> dict:

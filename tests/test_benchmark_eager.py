@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -21,14 +20,6 @@ def _plan(rounds: int) -> Plan:
     plan = Plan([], (), [], (), num_inference_steps=2)
     plan.eager_rounds = rounds
     return plan
-
-
-@pytest.fixture(scope="module")
-def targets():
-    spec = importlib.util.spec_from_file_location("bench_targets_eager", REPO / "bench" / "targets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("case", [LoopCase("tiny", 2, torch.float32), SDCase("tiny-sd", 1, torch.float32, 2)])

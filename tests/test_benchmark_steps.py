@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -293,14 +292,6 @@ def test_tiny_seeds_run_writes_its_table(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ targets
-
-
-@pytest.fixture(scope="module")
-def targets():
-    spec = importlib.util.spec_from_file_location("bench_targets_steps", REPO / "bench" / "targets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _by_target(checks: list[dict]) -> dict[str, dict]:

@@ -21,6 +21,11 @@
 # sd/, sdxl/, seeds/ and eager/: merge them as the committed
 # bench/results/nvidia-h100-80gb-hbm3/results.json was, see its "runs" and "notes"). The device's copy of the
 # repository may carry a stale .git: results.json records `git describe --dirty`, so check the commit you sent.
+# On a lent device machine (torch and Triton installed, diffusers not), with diffusers' wheel in the ignored .whl/
+# folder (`pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1`) carried:
+#
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
+#       && PYTHONUNBUFFERED=1 OUT=$OUT bash bench/tools/gpu_session.sh tests eager
 set -uo pipefail
 : "${1:?usage: gpu_session.sh PHASE... (tests, overhead, eager, bench-step, bench-loop, bench-threshold-loop, bench-seeds, bench-sd, bench-sdxl, regression)}"
 slug=$(python -m fastddim.benchmark --print-device-slug)

@@ -6,7 +6,8 @@ whatever the batch size or number of processes. It writes a PNG grid, an ``.npz`
 PNG per seed (or npz shards) and manifests that ``--resume`` completes (see `fastddim.sample_folder`). Under
 ``torchrun`` every rank draws its share of the seeds (see `fastddim.distributed`). Every file is written atomically
 (see `fastddim.outputs`). A Stable Diffusion / SDXL folder samples with fastddim's pipelines for them, with
-``--prompt`` and image-to-image options (see `fastddim.sd_command`). ``fastddim bench`` runs `fastddim.benchmark`.
+``--prompt`` and image-to-image options (see `fastddim.sd_command`); ``--variant`` picks a folder's weight variant
+(see `fastddim.weight_variants`). ``fastddim bench`` runs `fastddim.benchmark`.
 
 User errors (bad arguments, a missing or broken model, an unwritable output, an unavailable device, a full disk)
 print one line on stderr and exit with status 2, before sampling whenever they can be known then; a job stopped by
@@ -88,6 +89,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _add_variant_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--variant",
+        metavar="NAME",
+        help="load the weights of this variant, as diffusers' from_pretrained(variant=NAME) does: files named like "
+        "diffusion_pytorch_model.NAME.safetensors (e.g. fp16; independent of --dtype). A component without them "
+        "loads its plain weights (default: the plain weights)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Builds the ``fastddim`` argument parser (``bench`` options are added by `fastddim.benchmark` on dispatch)."""
     parser = _ArgumentParser(prog="fastddim", description="Triton-fused, CUDA-graph-captured DDIM sampling.")
@@ -111,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(config.json + weights), or a Stable Diffusion / SDXL folder (with --prompt); default: the embedded "
         "digits model",
     )
+    _add_variant_argument(sample)
     sample.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
     sample.add_argument(
         "--eta", type=_non_negative_float, default=0.0, help="DDIM eta, 0 = deterministic (default: 0)"
@@ -182,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     interpolate.add_argument("--frames", type=_positive_int, default=9, help="frames, both ends included (default: 9)")
     interpolate.add_argument("--model", metavar="DIR", help="as for sample (default: the embedded digits model)")
+    _add_variant_argument(interpolate)
     interpolate.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
     interpolate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     interpolate.add_argument("--dtype", choices=DTYPES, help="UNet dtype (default: float32 on cpu, float16 on cuda)")

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     out = _check_image_path(args.out)
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    pipe, _ = load_pipeline(args.model, device, dtype)
+    pipe, _ = load_pipeline(args.model, device, dtype, args.variant)
     pipe.set_progress_bar_config(disable=True)
     train_steps = pipe.scheduler.config.num_train_timesteps
     if args.steps > train_steps:

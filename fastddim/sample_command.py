@@ -233,7 +233,7 @@ def _prepare(
 
     # A Stable Diffusion folder loads there (with its prompt options); None for every other model.
     loaded = sd_command.load_if_prompted(args, device, dtype, team.rank)
-    pipe, model_about = loaded or load_pipeline(args.model, device, dtype)
+    pipe, model_about = loaded or load_pipeline(args.model, device, dtype, args.variant)
     pipe.set_progress_bar_config(disable=True)
     train_steps = pipe.scheduler.config.num_train_timesteps
     if args.steps > train_steps:
@@ -271,8 +271,8 @@ def _pixel_settings(
 ) -> dict:
     """Every setting that changes the pixels (hashed into the folder's settings_hash).
 
-    The model is identified by the contents of its UNet files (config and weights), not by its path: a copied or
-    moved model folder resumes, a retrained one is refused. Versions are included because a new torch or diffusers
+    The model is identified by the contents of the UNet files it reads (config and the weights of the variant
+    loaded), not by its path: a copied or moved model folder resumes, a retrained one is refused. Versions are included because a new torch or diffusers
     may change the UNet's rounding. Seeds, batch size and process count are not settings: they never change an
     image beyond the UNet's batch-size rounding.
     """
@@ -296,6 +296,8 @@ def _pixel_settings(
         # CPU generator on the CPU (fastddim.seeds). A folder sampled with another scheme must not resume.
         "step_noise": "keyed-philox" if device.type == "cuda" else "per-seed-generator",
         "versions": {"fastddim": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
+        # Only when given, so that a folder sampled from plain weights before --variant existed still resumes.
+        **({"variant": args.variant} if args.variant is not None else {}),
         # A Stable Diffusion sampler's prompt, guidance, size, init image and whole-model hash.
         **(pipe.pixel_settings() if hasattr(pipe, "pixel_settings") else {}),
     }
@@ -450,23 +452,11 @@ def _check_writable(folder: pathlib.Path, text: str) -> None:
         raise UsageError(f"--out {text}: {ancestor} is not writable")
 
 
-def folder_sha256(folder: pathlib.Path) -> str:
-    """A hash of a UNet folder's files (names and contents: config and weights), which identifies the model."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith("."):
-            digest.update(path.name.encode() + b"\0")
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            digest.update(b"\0")
-    return digest.hexdigest()
-
-
-def load_pipeline(model: str | None, device: torch.device, dtype: torch.dtype) -> tuple[DDIMPipeline, dict]:
-    """Loads ``--model`` and returns the pipeline and what identifies the model (its path and files' hash).
+def load_pipeline(
+    model: str | None, device: torch.device, dtype: torch.dtype, variant: str | None = None
+) -> tuple[DDIMPipeline, dict]:
+    """Loads ``--model`` (its ``--variant`` weights, if given) and returns the pipeline and what identifies the model
+    (its path and the hash of the UNet files read).
 
     Refuses a model whose weights do not fill the UNet the config describes (diffusers would otherwise fill missing
     weights with random values, and its warning is muted here).
@@ -475,6 +465,7 @@ def load_pipeline(model: str | None, device: torch.device, dtype: torch.dtype) -
     from diffusers.utils import logging as diffusers_logging
 
     from fastddim import DDIMPipeline, DDIMScheduler
+    from fastddim.weight_variants import component_variants, loaded_files_sha256
 
     # Loading notices (e.g. "accelerate not installed") are noise for a command-line user.
     diffusers_logging.set_verbosity_error()
@@ -498,11 +489,17 @@ def load_pipeline(model: str | None, device: torch.device, dtype: torch.dtype) -
         raise UsageError(
             f"--model {folder}: not a diffusers pipeline folder (model_index.json) or UNet2DModel folder (config.json)"
         )
+    unet_variant = component_variants(folder, {"unet": unet_folder}, variant)["unet"]
     try:
         # low_cpu_mem_usage=False: every weight goes through load_state_dict, so missing ones are listed, not left
         # on the meta device or silently random.
         unet, loading = UNet2DModel.from_pretrained(
-            folder, subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=False, output_loading_info=True
+            folder,
+            subfolder=subfolder,
+            variant=unet_variant,
+            torch_dtype=dtype,
+            low_cpu_mem_usage=False,
+            output_loading_info=True,
         )
         if subfolder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
             scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
@@ -516,7 +513,7 @@ def load_pipeline(model: str | None, device: torch.device, dtype: torch.dtype) -
 
     pipe = DDIMPipeline(unet=unet, scheduler=scheduler).to(device)
     pipe.unet.eval()
-    about = {"path": str(folder.resolve()), "unet_files_sha256": folder_sha256(unet_folder)}
+    about = {"path": str(folder.resolve()), "unet_files_sha256": loaded_files_sha256(unet_folder, unet_variant)}
     return pipe, about
 
 

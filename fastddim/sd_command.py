@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastddim.cli import UsageError
 from fastddim.utils import first_line
+from fastddim.weight_variants import component_variants, loaded_files_sha256
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -204,7 +205,12 @@ def load_if_prompted(
         return None
     options = _check_options(args, kind)
     init_image = _read_init_image(args) if args.init_image is not None else None
-    pipe, original_scheduler = _load(pathlib.Path(args.model), kind, device, dtype)
+    folder = pathlib.Path(args.model)
+    components = {
+        child.name: child for child in sorted(folder.iterdir()) if child.is_dir() and not child.name.startswith(".")
+    }
+    variants = component_variants(folder, components, args.variant)
+    pipe, original_scheduler = _load(folder, kind, device, dtype, variants, args.variant)
     latent_channels = pipe.vae.config.latent_channels
     if pipe.unet.config.in_channels != latent_channels:
         raise UsageError(
@@ -216,7 +222,7 @@ def load_if_prompted(
         from fastddim import StableDiffusionImg2ImgPipeline
 
         pipe = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
-    sampler = PromptedSampler(pipe, kind, options, init_image, pathlib.Path(args.model), original_scheduler)
+    sampler = PromptedSampler(pipe, kind, options, init_image, folder, variants, original_scheduler)
     if original_scheduler is not None and rank == 0:
         sampler.note = (
             f"note: {args.model}'s scheduler is {original_scheduler}; fastddim sample runs DDIM on its noise "
@@ -224,7 +230,7 @@ def load_if_prompted(
         )
     if args.scale is None:
         args.scale = GRID_SCALE
-    return sampler, {"path": str(pathlib.Path(args.model).resolve()), "unet_files_sha256": sampler.unet_sha256()}
+    return sampler, {"path": str(folder.resolve()), "unet_files_sha256": sampler.unet_sha256()}
 
 
 def _check_options(args: argparse.Namespace, kind: str) -> dict:
@@ -281,8 +287,19 @@ def _read_init_image(args: argparse.Namespace) -> PIL.Image.Image:
     return image
 
 
-def _load(folder: pathlib.Path, kind: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, str | None]:
-    """The fastddim pipeline of ``folder`` and the name of the scheduler it replaced (None: the folder's is DDIM)."""
+def _load(
+    folder: pathlib.Path,
+    kind: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    variants: dict[str, str | None],
+    variant: str | None,
+) -> tuple[Any, str | None]:
+    """The fastddim pipeline of ``folder`` and the name of the scheduler it replaced (None: the folder's is DDIM).
+
+    The weighted components load the variant ``variants`` names for each; the pipeline's other components (a safety
+    checker, say) load ``variant`` as diffusers' pipeline loader resolves it.
+    """
     from diffusers.utils import logging as diffusers_logging
 
     import fastddim
@@ -301,9 +318,11 @@ def _load(folder: pathlib.Path, kind: str, device: torch.device, dtype: torch.dt
     index = _read_json(folder / "model_index.json") or {}
     pipeline_class = fastddim.StableDiffusionXLPipeline if kind == "sdxl" else fastddim.StableDiffusionPipeline
     try:
-        components = {name: _load_component(folder, name, index, dtype) for name in WEIGHTED_COMPONENTS}
+        components = {
+            name: _load_component(folder, name, index, dtype, variants.get(name)) for name in WEIGHTED_COMPONENTS
+        }
         components = {name: module for name, module in components.items() if module is not None}
-        pipe = pipeline_class.from_pretrained(folder, torch_dtype=dtype, **components)
+        pipe = pipeline_class.from_pretrained(folder, torch_dtype=dtype, variant=variant, **components)
     except UsageError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
@@ -325,8 +344,9 @@ def _load(folder: pathlib.Path, kind: str, device: torch.device, dtype: torch.dt
     return pipe.to(device), original
 
 
-def _load_component(folder: pathlib.Path, name: str, index: dict, dtype: torch.dtype) -> Any:
-    """Loads one weighted component with its library's loading report; refuses missing or unexpected weights.
+def _load_component(folder: pathlib.Path, name: str, index: dict, dtype: torch.dtype, variant: str | None) -> Any:
+    """Loads one weighted component (its ``variant`` weights, if any) with its library's loading report; refuses
+    missing or unexpected weights.
 
     diffusers' pipeline loader would fill weights missing from a file with random values and only log it.
     """
@@ -340,12 +360,17 @@ def _load_component(folder: pathlib.Path, name: str, index: dict, dtype: torch.d
     if library == "diffusers":
         # low_cpu_mem_usage=False: every weight goes through load_state_dict, so missing ones are listed.
         module, loading = model_class.from_pretrained(
-            folder, subfolder=name, torch_dtype=dtype, low_cpu_mem_usage=False, output_loading_info=True
+            folder,
+            subfolder=name,
+            variant=variant,
+            torch_dtype=dtype,
+            low_cpu_mem_usage=False,
+            output_loading_info=True,
         )
     else:
         # Loaded as stored, then cast: the same values as loading in dtype, without the dtype keyword's
         # version-dependent name.
-        module, loading = model_class.from_pretrained(folder / name, output_loading_info=True)
+        module, loading = model_class.from_pretrained(folder / name, variant=variant, output_loading_info=True)
         module = module.to(dtype)
     from fastddim.sample_command import loading_problems
 
@@ -366,6 +391,7 @@ class PromptedSampler:
         options (`dict`): prompt, negative prompt, guidance scale, height, width, strength (None where unused).
         init_image (`PIL.Image.Image`, *optional*): img2img's input, already resized.
         folder (`pathlib.Path`): the model folder.
+        variants (`dict`): the weight variant each component folder loaded (None: its plain weights).
         replaced_scheduler (`str`, *optional*): the folder's scheduler class where DDIM replaced it.
         note (`str`, *optional*): a line printed on stderr at the first call.
         component_hashes (`dict`): the files' hash of each component folder read so far.
@@ -376,6 +402,7 @@ class PromptedSampler:
     options: dict
     init_image: PIL.Image.Image | None
     folder: pathlib.Path
+    variants: dict[str, str | None]
     replaced_scheduler: str | None = None
     note: str | None = None
     component_hashes: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
@@ -438,22 +465,21 @@ class PromptedSampler:
         return self.pipe(**kwargs)
 
     def unet_sha256(self) -> str:
-        """The hash of the UNet folder's files (what `fastddim.sample_command` calls the model's identity)."""
+        """The hash of the UNet files read (what `fastddim.sample_command` calls the model's identity)."""
         return self._component_sha256("unet")
 
     def _component_sha256(self, name: str) -> str:
         # Each component folder is read once: a Stable Diffusion UNet alone is gigabytes.
         if name not in self.component_hashes:
-            from fastddim.sample_command import folder_sha256
-
-            self.component_hashes[name] = folder_sha256(self.folder / name)
+            self.component_hashes[name] = loaded_files_sha256(self.folder / name, self.variants.get(name))
         return self.component_hashes[name]
 
     def pixel_settings(self) -> dict:
         """The settings beyond `fastddim.sample_command`'s that change the pixels (for the folder's settings hash).
 
-        The model is every component's files (text encoders, tokenizers and VAE change the pixels too); the init
-        image is its decoded, resized pixels, so a re-encoded copy of the same picture resumes.
+        The model is every component's files read (text encoders, tokenizers and VAE change the pixels too; of the
+        weights, only the variant loaded); the init image is its decoded, resized pixels, so a re-encoded copy of the
+        same picture resumes.
         """
         digest = hashlib.sha256((self.folder / "model_index.json").read_bytes())
         for child in sorted(self.folder.iterdir()):

@@ -293,6 +293,22 @@ def _direct_launch_device(tensor: torch.Tensor) -> int | None:
     return tensor.device.index if tensor.is_cuda else None
 
 
+# torch versions whose ``torch.library.wrap_triton`` rejects the ``InterpretedFunction`` kernels of Triton's CPU
+# interpreter (torch 2.13 passes them through). Such a kernel is launched through Triton's dispatch instead: in an
+# eager call of the registered op that is what ``wrap_triton`` would do, and torch.compile never traces an
+# interpreted kernel into a GPU graph.
+_WRAP_TRITON_REJECTS_INTERPRETED = TORCH_VERSION < (2, 13)
+
+
+def _wrap_triton_takes(kernel: Any) -> bool:
+    """Whether ``torch.library.wrap_triton`` accepts ``kernel`` on this torch."""
+    if not _WRAP_TRITON_REJECTS_INTERPRETED:
+        return True
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return not isinstance(kernel, InterpretedFunction)
+
+
 def launch(
     kernel: Any,
     grid: tuple[int, ...],
@@ -305,11 +321,14 @@ def launch(
 ) -> None:
     """Launches ``kernel[grid](*tensors, *scalars, **meta)`` on the tensors' device (one device: callers check it).
 
-    One of three ways: through ``torch.library.wrap_triton`` when ``traceable`` (torch.compile traces it); directly
+    One of three ways: through ``torch.library.wrap_triton`` when ``traceable`` (torch.compile traces it; an
+    interpreted kernel on torch < 2.13 takes Triton's dispatch, see ``_WRAP_TRITON_REJECTS_INTERPRETED``); directly
     through the compiled kernel's launcher when the ``direct_launch`` fast path is on and ``constexprs`` is known
     (``_launch_compiled``); else through Triton's dispatch, the public path.
     """
     device_index = None
+    if traceable and not _wrap_triton_takes(kernel):
+        traceable = False
     if not traceable and constexprs is not None and _enabled["direct_launch"]:
         device_index = _direct_launch_device(tensors[0])
     with device_guard(tensors[0]):

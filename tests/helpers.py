@@ -23,11 +23,6 @@ BACKEND_DEVICES = {"torch": "cpu", "triton": "cuda" if HAS_CUDA else "cpu"}
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # conftest.py sets it before this import
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
-interpreted_kernels_not_wrappable = pytest.mark.skipif(
-    INTERPRETED and torch.__version__ < "2.13",
-    reason=f"torch {torch.__version__} < 2.13: torch.library.wrap_triton (the registered ops' launch) rejects the "
-    "InterpretedFunction kernels of Triton's CPU interpreter; torch 2.13 passes them through, GPU kernels are unaffected",
-)
 interpreter_fma_rounds_twice = pytest.mark.skipif(
     INTERPRETED and TRITON_VERSION < (3, 9),
     reason=f"Triton {triton.__version__}'s CPU interpreter evaluates tl.fma as x * y + z, rounding twice "

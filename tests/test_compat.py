@@ -14,7 +14,7 @@ import torch
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from fastddim import compat
-from tests.helpers import REPO_ROOT
+from tests.helpers import INTERPRETED, REPO_ROOT
 
 
 @pytest.fixture
@@ -82,6 +82,29 @@ def test_device_guard_is_a_no_op_off_cuda(switch):
         switch(value)
         with compat.device_guard(torch.zeros(1)):
             pass
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRETED, reason="needs Triton's CPU interpreter (no CUDA device)")
+def test_interpreted_kernels_bypass_wrap_triton_where_torch_rejects_them(monkeypatch):
+    """On torch < 2.13 ``wrap_triton`` rejects interpreted kernels: the registered op's launch then takes Triton's
+    dispatch, with the same results (forced here on any torch; the floor run of CI meets it for real)."""
+    from fastddim import ops, reference
+
+    generator = torch.Generator().manual_seed(0)
+    model_output, sample = (torch.randn(2, 3, 4, 4, generator=generator) for _ in range(2))
+    alphas_cumprod = torch.linspace(0.999, 0.01, 1000)
+    table = reference.build_coefficient_table(alphas_cumprod, torch.tensor(1.0), 50, 0.0)
+    arguments = (model_output, sample, table, None, 500, None, None, None, False, 0, True, 1.0, False, torch.float32)
+    through_wrap_triton = ops.ddim_step(*arguments)
+
+    def rejecting_wrap_triton(kernel):
+        raise RuntimeError("wrap_triton called on an interpreted kernel")
+
+    monkeypatch.setattr(compat, "_WRAP_TRITON_REJECTS_INTERPRETED", True)
+    monkeypatch.setattr(torch.library, "wrap_triton", rejecting_wrap_triton)
+    for expected, actual in zip(through_wrap_triton, ops.ddim_step(*arguments), strict=True):
+        assert torch.equal(actual, expected)
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ from diffusers import DDIMScheduler as DiffusersDDIMScheduler
 from fastddim import ops, reference
 from fastddim.reference import ddim_step_ref
 from fastddim.utils import BoundedCache
-from tests.helpers import interpreted_kernels_not_wrappable
 
 pytestmark = pytest.mark.interpreter
 
@@ -68,7 +67,6 @@ def _assert_match(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=0.0 if rtol == 0 else 1e-6, equal_nan=False)
 
 
-@interpreted_kernels_not_wrappable
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("prediction_type", reference.PREDICTION_TYPES)
 @pytest.mark.parametrize("clip_sample", [False, True], ids=["noclip", "clip"])
@@ -106,7 +104,6 @@ LAYOUTS = {
 }
 
 
-@interpreted_kernels_not_wrappable
 @pytest.mark.parametrize("sample_layout", list(LAYOUTS))
 @pytest.mark.parametrize("model_output_layout", ["contiguous", "channels_last", "sliced"])
 def test_strided_and_mixed_layouts(sample_layout, model_output_layout, nan_poisoned_empty):
@@ -123,7 +120,6 @@ def test_strided_and_mixed_layouts(sample_layout, model_output_layout, nan_poiso
         assert prev.stride() == sample.stride() and x0.stride() == sample.stride()
 
 
-@interpreted_kernels_not_wrappable
 @pytest.mark.parametrize(
     "shape",
     [(5,), (3, 17), (2, 3, 8, 8), (1, 1, 1, 1), (2, 3, 2, 4, 4), (1, 2, 3, 2, 3, 2), (0, 3, 4, 4)],
@@ -142,7 +138,6 @@ def test_any_rank(shape, nan_poisoned_empty):
     assert torch.equal(prev, prev_ref) and torch.equal(x0, x0_ref)
 
 
-@interpreted_kernels_not_wrappable
 def test_device_timestep_and_out_of_range_gives_nan(nan_poisoned_empty):
     sample = torch.randn(2, 3, 4, 4).to(DEVICE)
     model_output = torch.randn(2, 3, 4, 4).to(DEVICE)
@@ -156,7 +151,6 @@ def test_device_timestep_and_out_of_range_gives_nan(nan_poisoned_empty):
         assert prev.isnan().all() and x0.isnan().all()
 
 
-@interpreted_kernels_not_wrappable
 def test_threshold_scale_is_applied_per_sample(nan_poisoned_empty):
     generator = torch.Generator().manual_seed(3)
     model_output = (torch.randn(3, 2, 4, 4, generator=generator) * 3).to(DEVICE)
@@ -167,7 +161,6 @@ def test_threshold_scale_is_applied_per_sample(nan_poisoned_empty):
     assert x0.abs().max() <= 1.0
 
 
-@interpreted_kernels_not_wrappable
 def test_inputs_are_not_modified():
     model_output = torch.randn(2, 3, 4, 4).to(DEVICE)
     sample = torch.randn(2, 3, 4, 4).to(DEVICE)
@@ -232,7 +225,6 @@ def test_launch_plans_are_cached_per_signature(model_output_layout, sample_layou
     assert (plan.kernel is ops.ddim_step_flat_kernel) == flat
 
 
-@interpreted_kernels_not_wrappable
 @pytest.mark.parametrize("prediction_type", reference.PREDICTION_TYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_per_sample_timesteps_kernel_matches_twin_rows(prediction_type, layout, nan_poisoned_empty):

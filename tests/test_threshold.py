@@ -17,7 +17,7 @@ from fastddim import reference, threshold
 from fastddim.reference import dynamic_threshold_scale_ref, quantile_rank
 from fastddim.threshold import dynamic_threshold_scale, launch_dynamic_threshold_scale
 from fastddim.utils import BoundedCache
-from tests.helpers import interpreted_kernels_not_wrappable, interpreter_fma_rounds_twice
+from tests.helpers import interpreter_fma_rounds_twice
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TIMESTEP = 981
@@ -410,7 +410,6 @@ def test_rows_longer_than_the_register_limit(table):
     _check(model_output, sample, table, EPSILON, 0.995)
 
 
-@interpreted_kernels_not_wrappable
 @interpreter
 def test_registered_op_and_empty_inputs(table):
     model_output, sample = _inputs((2, 3, 4, 4))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from diffusers.utils import logging
 from fastddim import graphs
 from fastddim.graphs import CudaGraphCacheMixin, StepInput
 from fastddim.scheduler import DDIMScheduler, selected_backend
+from fastddim.stepping import is_real
 from fastddim.utils import normalize_device
 
 logger = logging.get_logger(__name__)
@@ -32,6 +34,7 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "ConditionalLoop",
     "ConditionalLoopMixin",
+    "GivenLatentsMixin",
     "batch_size_of",
     "call_signature",
     "guidance_embedding",
@@ -132,6 +135,7 @@ class ConditionalLoopMixin(CudaGraphCacheMixin):
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         arguments.update(arguments.pop("kwargs", {}))
+        check_guidance_arguments(arguments)
         eager_only = [name for name in EAGER_ONLY_ARGUMENTS if arguments.get(name) is not None]
         if eager_only:
             logger.info(
@@ -152,6 +156,9 @@ class ConditionalLoopMixin(CudaGraphCacheMixin):
     def _denoise_latents(self, loop: ConditionalLoop, device: torch.device, use_graph: bool) -> torch.Tensor:
         """Runs the denoising loop: eagerly, or through the graph cache (replay, capture, or eager on a failure)."""
         num_steps = loop.timesteps.shape[0]
+        if num_steps == 0:
+            # img2img with strength * num_inference_steps < 1: no step, so x_0 is the unnoised image latents.
+            return loop.latents
         if use_graph:
             latents = self._denoise_graphed(loop, device)
             if latents is not None:
@@ -292,6 +299,43 @@ class ConditionalLoopMixin(CudaGraphCacheMixin):
             latents = captured.replay(inputs, step_inputs)
             bar.update(num_steps)
         return latents
+
+
+class GivenLatentsMixin:
+    """Text-to-image ``prepare_latents`` that names ``latents`` when their batch cannot match the call's (diffusers
+    fails inside the UNet with a shape error there)."""
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        num_channels_latents: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if latents is not None and (latents.dim() != 4 or latents.shape[0] != batch_size):
+            raise ValueError(
+                f"latents must have shape ({batch_size}, channels, height, width): one per image, batch size times "
+                f"num_images_per_prompt; got {tuple(latents.shape)}"
+            )
+        return super().prepare_latents(
+            batch_size, num_channels_latents, height, width, dtype, device, generator, latents
+        )
+
+
+def check_guidance_arguments(arguments: dict[str, Any]) -> None:
+    """Checks the call's ``eta``, ``guidance_scale`` and ``guidance_rescale`` (where the pipeline has it) before any
+    work: a value the DDIM loop cannot take raises here, naming it, on the captured and the eager path alike."""
+    eta = arguments["eta"]
+    if not is_real(eta) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite real number >= 0, got {eta!r}")
+    for name in ("guidance_scale", "guidance_rescale"):
+        value = arguments.get(name, 0.0)
+        if not is_real(value) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite real number, got {value!r}")
 
 
 def guidance_embedding(pipe: Any, num_images: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:

@@ -12,16 +12,20 @@ from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusion
 from fastddim.pipelines.loop import (
     ConditionalLoop,
     ConditionalLoopMixin,
+    GivenLatentsMixin,
     batch_size_of,
     call_signature,
     guidance_batch_embeddings,
     guidance_embedding,
 )
+from fastddim.pipelines.prompts import PromptEncodingMixin
 
 __all__ = ["StableDiffusionPipeline", "finish_stable_diffusion"]
 
 
-class StableDiffusionPipeline(ConditionalLoopMixin, diffusers.StableDiffusionPipeline):
+class StableDiffusionPipeline(
+    PromptEncodingMixin, GivenLatentsMixin, ConditionalLoopMixin, diffusers.StableDiffusionPipeline
+):
     r"""Text-to-image Stable Diffusion whose DDIM denoising loop runs as one CUDA graph.
 
     A subclass of `diffusers.StableDiffusionPipeline` with the same constructor, loaders (``from_pretrained``,
@@ -42,6 +46,8 @@ class StableDiffusionPipeline(ConditionalLoopMixin, diffusers.StableDiffusionPip
         >>> pipe.scheduler = fastddim.DDIMScheduler.from_config(pipe.scheduler.config)
         >>> image = pipe.to("cuda")("an astronaut riding a horse", num_inference_steps=30).images[0]
     """
+
+    applies_clip_skip_layer_norm = True
 
     def __call__(self, *args: Any, cuda_graph: bool | None = None, **kwargs: Any) -> Any:
         parent_call = diffusers.StableDiffusionPipeline.__call__

@@ -14,15 +14,19 @@ from fastddim import compat
 from fastddim.pipelines.loop import (
     ConditionalLoop,
     ConditionalLoopMixin,
+    GivenLatentsMixin,
     batch_size_of,
     call_signature,
     guidance_embedding,
 )
+from fastddim.pipelines.prompts import PromptEncodingMixin
 
 __all__ = ["StableDiffusionXLPipeline"]
 
 
-class StableDiffusionXLPipeline(ConditionalLoopMixin, diffusers.StableDiffusionXLPipeline):
+class StableDiffusionXLPipeline(
+    PromptEncodingMixin, GivenLatentsMixin, ConditionalLoopMixin, diffusers.StableDiffusionXLPipeline
+):
     r"""SDXL text-to-image whose DDIM denoising loop runs as one CUDA graph.
 
     A subclass of `diffusers.StableDiffusionXLPipeline`: same constructor, loaders, call arguments and outputs, plus

@@ -44,6 +44,7 @@ def run_both(ours, theirs, path, seeds=0, **kwargs):
     """Both pipelines' raw outputs (``return_dict`` as given) for the same arguments and seeds."""
     mine = ours(generator=generators(seeds), cuda_graph=path == "graph", **kwargs)
     reference = theirs(generator=generators(seeds), **kwargs)
+    assert type(mine) is type(reference), "output container (return_dict)"
     if path == "graph":
         assert ours.cuda_graph_cache_info().misses >= 1, "the graph path was not taken"
     for name in CALL_PROPERTIES + ("guidance_rescale", "cross_attention_kwargs", "denoising_end"):
@@ -97,7 +98,6 @@ def test_text2img_arguments_match_diffusers(sd, path, case):
     kwargs = dict(prompt=PROMPT, num_inference_steps=STEPS, output_type="np") | case
     mine, reference = run_both(ours, theirs, path, seeds, **kwargs)
     assert_same_images(images(mine), images(reference))
-    assert type(mine) is type(reference)
 
 
 IMG2IMG_CASES = {
@@ -105,6 +105,7 @@ IMG2IMG_CASES = {
     "guidance1": dict(guidance_scale=1.0, eta=1.0),
     "two-per-prompt-generator-list": dict(num_images_per_prompt=2, seeds=(1, 2), eta=1.0),
     "output-latent": dict(output_type="latent"),
+    "output-pil-tuple": dict(output_type="pil", return_dict=False),
 }
 
 
@@ -136,6 +137,7 @@ SDXL_CASES = {
     "integer-denoising-end": dict(denoising_end=1),
     "clip-skip": dict(clip_skip=1),
     "two-per-prompt-generator-list": dict(num_images_per_prompt=2, seeds=(1, 2), eta=1.0),
+    "output-pt-tuple": dict(output_type="pt", return_dict=False),
 }
 
 

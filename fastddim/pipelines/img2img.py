@@ -28,7 +28,8 @@ class StableDiffusionImg2ImgPipeline(
 
     A subclass of `diffusers.StableDiffusionImg2ImgPipeline`: same constructor, loaders, call arguments and outputs,
     plus ``cuda_graph``; see `fastddim.StableDiffusionPipeline` for what runs where. ``strength`` selects the tail of
-    the timesteps, so each strength is its own captured loop.
+    the timesteps, so each strength is its own captured loop. A strength too small for one step
+    (``strength * num_inference_steps < 1``, 0 included), where diffusers fails, gives the image through the VAE.
     """
 
     applies_clip_skip_layer_norm = True

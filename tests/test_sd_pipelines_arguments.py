@@ -80,6 +80,7 @@ TEXT2IMG_CASES = {
     "guidance1-with-rescale": dict(guidance_scale=1.0, guidance_rescale=0.7, eta=1.0),
     "guidance-below-1": dict(guidance_scale=0.5),
     "integer-guidance": dict(guidance_scale=7),
+    "numpy-guidance": dict(guidance_scale=np.float64(7.5), eta=np.float32(0.5)),
     "output-latent": dict(output_type="latent", eta=1.0),
     "output-pt-tuple": dict(output_type="pt", return_dict=False),
     "output-pil": dict(output_type="pil"),

@@ -88,19 +88,6 @@ TEXT2IMG_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", TEXT2IMG_CASES.values(), ids=TEXT2IMG_CASES.keys())
-def test_text2img_arguments_match_diffusers(sd, path, case):
-    ours, theirs = pair(*SD, sd)
-    case = dict(case)
-    seeds = case.pop("seeds", 0)
-    for name, value in case.items():
-        if isinstance(value, Embeddings):
-            case[name] = prompt_embeddings(theirs, str(value))
-    kwargs = dict(prompt=PROMPT, num_inference_steps=STEPS, output_type="np") | case
-    mine, reference = run_both(ours, theirs, path, seeds, **kwargs)
-    assert_same_images(images(mine), images(reference))
-
-
 IMG2IMG_CASES = {
     "strength1": dict(strength=1.0, eta=1.0),
     "guidance1": dict(guidance_scale=1.0, eta=1.0),
@@ -108,16 +95,6 @@ IMG2IMG_CASES = {
     "output-latent": dict(output_type="latent"),
     "output-pil-tuple": dict(output_type="pil", return_dict=False),
 }
-
-
-@pytest.mark.parametrize("case", IMG2IMG_CASES.values(), ids=IMG2IMG_CASES.keys())
-def test_img2img_arguments_match_diffusers(sd, path, case):
-    ours, theirs = pair(*IMG2IMG, sd)
-    case = dict(case)
-    seeds = case.pop("seeds", 0)
-    kwargs = dict(prompt=PROMPT, image=init_image(), num_inference_steps=10, output_type="np") | case
-    mine, reference = run_both(ours, theirs, path, seeds, **kwargs)
-    assert_same_images(images(mine), images(reference))
 
 
 SDXL_CASES = {
@@ -142,12 +119,32 @@ SDXL_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", SDXL_CASES.values(), ids=SDXL_CASES.keys())
-def test_sdxl_arguments_match_diffusers(sdxl, path, case):
-    ours, theirs = pair(*SDXL, sdxl)
+# Each pipeline's call besides a case's arguments.
+CALL_DEFAULTS = {
+    SD: dict(num_inference_steps=STEPS),
+    IMG2IMG: dict(image=init_image(), num_inference_steps=10),
+    SDXL: dict(num_inference_steps=5),
+}
+ARGUMENT_CASES = [
+    pytest.param(pipelines, case, id=f"{kind}-{name}")
+    for pipelines, kind, cases in (
+        (SD, "text2img", TEXT2IMG_CASES),
+        (IMG2IMG, "img2img", IMG2IMG_CASES),
+        (SDXL, "sdxl", SDXL_CASES),
+    )
+    for name, case in cases.items()
+]
+
+
+@pytest.mark.parametrize("pipelines, case", ARGUMENT_CASES)
+def test_arguments_match_diffusers(sd, sdxl, path, pipelines, case):
+    ours, theirs = pair(*pipelines, sdxl if pipelines is SDXL else sd)
     case = dict(case)
     seeds = case.pop("seeds", 0)
-    kwargs = dict(prompt=PROMPT, num_inference_steps=5, output_type="np") | case
+    for name, value in case.items():
+        if isinstance(value, Embeddings):
+            case[name] = prompt_embeddings(theirs, str(value))
+    kwargs = dict(prompt=PROMPT, output_type="np") | CALL_DEFAULTS[pipelines] | case
     mine, reference = run_both(ours, theirs, path, seeds, **kwargs)
     assert_same_images(images(mine), images(reference))
 

@@ -1,4 +1,5 @@
-"""Every private or version-specific API of Triton, torch and diffusers that fastddim uses, in one place.
+"""Every private or version-specific API of Triton, torch, diffusers and transformers that fastddim uses, in one
+place.
 
 Two kinds live here:
 
@@ -32,6 +33,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 __all__ = [
     "FAST_PATHS",
     "SAFE_LAUNCH_ENV",
+    "clip_text_transformer",
     "constexpr_values",
     "cudagraph_skip_count",
     "current_raw_stream",
@@ -455,3 +457,11 @@ def module_execution_device(module: torch.nn.Module) -> torch.device | None:
     except ImportError:
         return None
     return get_module_execution_device(module)
+
+
+def clip_text_transformer(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """The module of a transformers ``CLIPTextModel`` that owns ``final_layer_norm``: its ``text_model`` up to
+    transformers 5.x, where diffusers' SD pipelines reach it; the model itself in transformers 5.24, whose
+    ``CLIPTextModel`` holds ``embeddings``/``encoder``/``final_layer_norm`` directly (``CLIPTextModelWithProjection``
+    keeps ``text_model``)."""
+    return getattr(text_encoder, "text_model", text_encoder)

@@ -98,3 +98,26 @@ def targets() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# Components of the Stable Diffusion parity tests (tests/sd_parity.py); transformers is imported only when used.
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from tests.sd_components import sd_components
+
+    return sd_components(tmp_path_factory.mktemp("sd"))
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from tests.sd_components import sdxl_components
+
+    return sdxl_components(tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.fixture(params=["eager", "graph"])
+def path(request: pytest.FixtureRequest) -> str:
+    """Runs a Stable Diffusion test through the eager loop and through the graph cache (CPU stand-in for capture)."""
+    if request.param == "graph":
+        request.getfixturevalue("stand_in_graphs")
+    return request.param

@@ -16,55 +16,8 @@ import fastddim
 
 # The pipelines' text encoders and tokenizers come from transformers (not a fastddim dependency).
 pytest.importorskip("transformers")
-from tests.sd_components import ddim_scheduler, sd_components, sdxl_components  # noqa: E402
-
-STEPS = 4
-PROMPT = "a photo of a cat"
-
-
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory) -> dict:
-    return sd_components(tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory) -> dict:
-    return sdxl_components(tmp_path_factory.mktemp("sdxl"))
-
-
-@pytest.fixture(params=["eager", "graph"])
-def path(request) -> str:
-    """Runs a test through the eager loop and through the graph cache (CPU stand-in for capture)."""
-    if request.param == "graph":
-        request.getfixturevalue("stand_in_graphs")
-    return request.param
-
-
-def pair(fast_class, diffusers_class, components, **scheduler_overrides):
-    """(fastddim pipeline, diffusers pipeline with diffusers' DDIMScheduler) over the same modules."""
-    scheduler = ddim_scheduler(**scheduler_overrides)
-    ours = fast_class(**{**components, "scheduler": scheduler})
-    theirs = diffusers_class(**{**components, "scheduler": scheduler})
-    for pipe in (ours, theirs):
-        pipe.set_progress_bar_config(disable=True)
-    assert type(ours.scheduler) is fastddim.DDIMScheduler and type(theirs.scheduler) is diffusers.DDIMScheduler
-    return ours, theirs
-
-
-def generators(seeds):
-    if isinstance(seeds, int):
-        return torch.Generator("cpu").manual_seed(seeds)
-    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-
-
-def call_both(ours, theirs, path, seeds=0, **kwargs):
-    cuda_graph = path == "graph"
-    mine = ours(generator=generators(seeds), output_type="np", cuda_graph=cuda_graph, **kwargs).images
-    reference = theirs(generator=generators(seeds), output_type="np", **kwargs).images
-    if cuda_graph:
-        assert ours.cuda_graph_cache_info().misses >= 1, "the graph path was not taken"
-    return mine, reference
-
+from tests.sd_components import ddim_scheduler  # noqa: E402
+from tests.sd_parity import PROMPT, STEPS, call_both, generators, init_image, pair  # noqa: E402
 
 TEXT2IMG_CASES = {
     "eta0": dict(eta=0.0),
@@ -115,11 +68,6 @@ def test_guidance_embedding_unet_matches_diffusers(sd, path):
         np.testing.assert_array_equal(mine, reference)
     if path == "graph":
         assert ours.cuda_graph_cache_info()[:2] == (1, 1)
-
-
-def init_image(channels_last: bool = False) -> torch.Tensor:
-    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
-    return image.to(memory_format=torch.channels_last) if channels_last else image
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.8])

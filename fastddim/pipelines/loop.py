@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from diffusers.utils import logging
 from fastddim import graphs
 from fastddim.graphs import CudaGraphCacheMixin, StepInput
 from fastddim.scheduler import DDIMScheduler, selected_backend
+from fastddim.stepping import is_real
 from fastddim.utils import normalize_device
 
 logger = logging.get_logger(__name__)
@@ -32,8 +34,12 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "ConditionalLoop",
     "ConditionalLoopMixin",
+    "TextToImageLatentsMixin",
     "batch_size_of",
     "call_signature",
+    "check_guidance_arguments",
+    "check_stable_diffusion_inputs",
+    "guidance_batch_embeddings",
     "guidance_embedding",
 ]
 
@@ -132,6 +138,7 @@ class ConditionalLoopMixin(CudaGraphCacheMixin):
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         arguments.update(arguments.pop("kwargs", {}))
+        check_guidance_arguments(arguments)
         eager_only = [name for name in EAGER_ONLY_ARGUMENTS if arguments.get(name) is not None]
         if eager_only:
             logger.info(
@@ -147,11 +154,58 @@ class ConditionalLoopMixin(CudaGraphCacheMixin):
         self.scheduler.set_timesteps(num_inference_steps, device=None if use_graph else device)
         return self.scheduler.timesteps
 
+    def _begin_call(self, a: dict) -> tuple[int, int]:
+        """Sets the call state diffusers' ``__call__`` sets (read by its properties: ``guidance_scale``,
+        ``do_classifier_free_guidance``, ``clip_skip``, ``interrupt``... and ``guidance_rescale``/``denoising_end``
+        where the pipeline takes them). Returns the batch size (the number of prompts or prompt embeddings) and the
+        number of images, that times ``num_images_per_prompt``."""
+        self._guidance_scale = a["guidance_scale"]
+        if "guidance_rescale" in a:
+            self._guidance_rescale = a["guidance_rescale"]
+        if "denoising_end" in a:
+            self._denoising_end = a["denoising_end"]
+        self._clip_skip = a["clip_skip"]
+        # Calls with cross_attention_kwargs run diffusers' own __call__ (EAGER_ONLY_ARGUMENTS).
+        self._cross_attention_kwargs = None
+        self._interrupt = False
+        batch_size = batch_size_of(a["prompt"], a["prompt_embeds"])
+        return batch_size, batch_size * a["num_images_per_prompt"]
+
+    def _run_loop(
+        self,
+        a: dict,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        added_cond: dict[str, torch.Tensor] | None,
+        num_images: int,
+        device: torch.device,
+        use_graph: bool,
+    ) -> torch.Tensor:
+        """diffusers' guidance embedding (for ``num_images``) and ``num_timesteps``, then the denoising loop from
+        ``latents``."""
+        self._num_timesteps = len(timesteps)
+        loop = ConditionalLoop(
+            latents=latents,
+            timesteps=timesteps,
+            prompt_embeds=prompt_embeds,
+            added_cond=added_cond,
+            timestep_cond=guidance_embedding(self, num_images, device, latents.dtype),
+            guidance_scale=self.guidance_scale if self.do_classifier_free_guidance else None,
+            guidance_rescale=a.get("guidance_rescale", 0.0),
+            eta=a["eta"],
+            generator=a["generator"],
+        )
+        return self._denoise_latents(loop, device, use_graph)
+
     # ------------------------------------------------------------------------------------------------ the loop
 
     def _denoise_latents(self, loop: ConditionalLoop, device: torch.device, use_graph: bool) -> torch.Tensor:
         """Runs the denoising loop: eagerly, or through the graph cache (replay, capture, or eager on a failure)."""
         num_steps = loop.timesteps.shape[0]
+        if num_steps == 0:
+            # img2img with strength * num_inference_steps < 1: no step, so x_0 is the unnoised image latents.
+            return loop.latents
         if use_graph:
             latents = self._denoise_graphed(loop, device)
             if latents is not None:
@@ -294,6 +348,50 @@ class ConditionalLoopMixin(CudaGraphCacheMixin):
         return latents
 
 
+class TextToImageLatentsMixin:
+    """x_T of the text-to-image pipelines: the call's ``latents`` or fresh noise, by diffusers' ``prepare_latents``,
+    which here names ``latents`` when their batch cannot match the call's (diffusers fails inside the UNet with a
+    shape error there)."""
+
+    def _initial_latents(
+        self, a: dict, num_images: int, height: int, width: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        channels = self.unet.config.in_channels
+        return self.prepare_latents(num_images, channels, height, width, dtype, device, a["generator"], a["latents"])
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        num_channels_latents: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if latents is not None and (latents.dim() != 4 or latents.shape[0] != batch_size):
+            raise ValueError(
+                f"latents must have shape ({batch_size}, channels, height, width): one per image, batch size times "
+                f"num_images_per_prompt; got {tuple(latents.shape)}"
+            )
+        return super().prepare_latents(
+            batch_size, num_channels_latents, height, width, dtype, device, generator, latents
+        )
+
+
+def check_guidance_arguments(arguments: dict[str, Any]) -> None:
+    """Checks the call's ``eta``, ``guidance_scale`` and ``guidance_rescale`` (where the pipeline has it) before any
+    work: a value the DDIM loop cannot take raises here, naming it, on the captured and the eager path alike."""
+    eta = arguments["eta"]
+    if not is_real(eta) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite real number >= 0, got {eta!r}")
+    for name in ("guidance_scale", "guidance_rescale"):
+        value = arguments.get(name, 0.0)
+        if not is_real(value) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite real number, got {value!r}")
+
+
 def guidance_embedding(pipe: Any, num_images: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
     """diffusers' ``timestep_cond`` for UNets with ``time_cond_proj_dim`` (guidance-distilled models), else None."""
     if pipe.unet.config.time_cond_proj_dim is None:
@@ -304,25 +402,35 @@ def guidance_embedding(pipe: Any, num_images: int, device: torch.device, dtype: 
     ).to(device=device, dtype=dtype)
 
 
-def guidance_batch_embeddings(
-    pipe: Any,
-    prompt: str | list[str] | None,
-    device: torch.device,
-    num_images_per_prompt: int,
-    negative_prompt: str | list[str] | None,
-    prompt_embeds: torch.Tensor | None,
-    negative_prompt_embeds: torch.Tensor | None,
-) -> torch.Tensor:
-    """The text embeddings the UNet takes, as diffusers' SD and img2img pipelines build them: the prompt encoded by
-    the pipeline's own ``encode_prompt``, with the negative embeddings first under classifier-free guidance."""
+def check_stable_diffusion_inputs(pipe: Any, a: dict, *image_arguments: Any) -> None:
+    """diffusers' SD1/SD2 ``check_inputs`` on the call's arguments ``a``: the prompt, ``image_arguments``
+    (text-to-image's height and width, img2img's strength), then the prompts' and the step-end callback's arguments.
+    The legacy ``callback_steps`` and IP-adapter images are None: calls with them run diffusers' own ``__call__``."""
+    pipe.check_inputs(
+        a["prompt"],
+        *image_arguments,
+        None,
+        a["negative_prompt"],
+        a["prompt_embeds"],
+        a["negative_prompt_embeds"],
+        None,
+        None,
+        a["callback_on_step_end_tensor_inputs"],
+    )
+
+
+def guidance_batch_embeddings(pipe: Any, a: dict, device: torch.device) -> torch.Tensor:
+    """The text embeddings the UNet takes, as diffusers' SD and img2img pipelines build them from the call's
+    arguments ``a``: the prompt encoded by the pipeline's own ``encode_prompt``, with the negative embeddings first
+    under classifier-free guidance."""
     prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-        prompt,
+        a["prompt"],
         device,
-        num_images_per_prompt,
+        a["num_images_per_prompt"],
         pipe.do_classifier_free_guidance,
-        negative_prompt,
-        prompt_embeds=prompt_embeds,
-        negative_prompt_embeds=negative_prompt_embeds,
+        a["negative_prompt"],
+        prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"],
         lora_scale=None,
         clip_skip=pipe.clip_skip,
     )

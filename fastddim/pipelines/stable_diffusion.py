@@ -10,18 +10,20 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 
 from fastddim.pipelines.loop import (
-    ConditionalLoop,
     ConditionalLoopMixin,
-    batch_size_of,
+    TextToImageLatentsMixin,
     call_signature,
+    check_stable_diffusion_inputs,
     guidance_batch_embeddings,
-    guidance_embedding,
 )
+from fastddim.pipelines.prompts import PromptEncodingMixin
 
 __all__ = ["StableDiffusionPipeline", "finish_stable_diffusion"]
 
 
-class StableDiffusionPipeline(ConditionalLoopMixin, diffusers.StableDiffusionPipeline):
+class StableDiffusionPipeline(
+    PromptEncodingMixin, TextToImageLatentsMixin, ConditionalLoopMixin, diffusers.StableDiffusionPipeline
+):
     r"""Text-to-image Stable Diffusion whose DDIM denoising loop runs as one CUDA graph.
 
     A subclass of `diffusers.StableDiffusionPipeline` with the same constructor, loaders (``from_pretrained``,
@@ -43,6 +45,8 @@ class StableDiffusionPipeline(ConditionalLoopMixin, diffusers.StableDiffusionPip
         >>> image = pipe.to("cuda")("an astronaut riding a horse", num_inference_steps=30).images[0]
     """
 
+    applies_clip_skip_layer_norm = True
+
     def __call__(self, *args: Any, cuda_graph: bool | None = None, **kwargs: Any) -> Any:
         parent_call = diffusers.StableDiffusionPipeline.__call__
         return self._dispatch(parent_call, args, kwargs, cuda_graph, self._generate)
@@ -56,57 +60,12 @@ class StableDiffusionPipeline(ConditionalLoopMixin, diffusers.StableDiffusionPip
             sample_size = self.unet.config.sample_size
             height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size[:2]
             height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
-        prompt, prompt_embeds, negative_prompt_embeds = a["prompt"], a["prompt_embeds"], a["negative_prompt_embeds"]
-        self.check_inputs(
-            prompt,
-            height,
-            width,
-            None,
-            a["negative_prompt"],
-            prompt_embeds,
-            negative_prompt_embeds,
-            None,
-            None,
-            a["callback_on_step_end_tensor_inputs"],
-        )
-        self._guidance_scale = a["guidance_scale"]
-        self._guidance_rescale = a["guidance_rescale"]
-        self._clip_skip = a["clip_skip"]
-        self._cross_attention_kwargs = None
-        self._interrupt = False
-        batch_size = batch_size_of(prompt, prompt_embeds)
-        num_images_per_prompt = a["num_images_per_prompt"]
-
-        prompt_embeds = guidance_batch_embeddings(
-            self, prompt, device, num_images_per_prompt, a["negative_prompt"], prompt_embeds, negative_prompt_embeds
-        )
-
+        check_stable_diffusion_inputs(self, a, height, width)
+        _, num_images = self._begin_call(a)
+        prompt_embeds = guidance_batch_embeddings(self, a, device)
         timesteps = self._set_timesteps(a["num_inference_steps"], device, use_graph)
-        latents = self.prepare_latents(
-            batch_size * num_images_per_prompt,
-            self.unet.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            a["generator"],
-            a["latents"],
-        )
-        timestep_cond = guidance_embedding(self, batch_size * num_images_per_prompt, device, latents.dtype)
-        self._num_timesteps = len(timesteps)
-
-        loop = ConditionalLoop(
-            latents=latents,
-            timesteps=timesteps,
-            prompt_embeds=prompt_embeds,
-            added_cond=None,
-            timestep_cond=timestep_cond,
-            guidance_scale=self.guidance_scale if self.do_classifier_free_guidance else None,
-            guidance_rescale=self.guidance_rescale,
-            eta=a["eta"],
-            generator=a["generator"],
-        )
-        latents = self._denoise_latents(loop, device, use_graph)
+        latents = self._initial_latents(a, num_images, height, width, prompt_embeds.dtype, device)
+        latents = self._run_loop(a, latents, timesteps, prompt_embeds, None, num_images, device, use_graph)
         return finish_stable_diffusion(self, latents, a, device, prompt_embeds.dtype)
 
 

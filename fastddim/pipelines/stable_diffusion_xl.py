@@ -12,17 +12,18 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffus
 
 from fastddim import compat
 from fastddim.pipelines.loop import (
-    ConditionalLoop,
     ConditionalLoopMixin,
-    batch_size_of,
+    TextToImageLatentsMixin,
     call_signature,
-    guidance_embedding,
 )
+from fastddim.pipelines.prompts import PromptEncodingMixin
 
 __all__ = ["StableDiffusionXLPipeline"]
 
 
-class StableDiffusionXLPipeline(ConditionalLoopMixin, diffusers.StableDiffusionXLPipeline):
+class StableDiffusionXLPipeline(
+    PromptEncodingMixin, TextToImageLatentsMixin, ConditionalLoopMixin, diffusers.StableDiffusionXLPipeline
+):
     r"""SDXL text-to-image whose DDIM denoising loop runs as one CUDA graph.
 
     A subclass of `diffusers.StableDiffusionXLPipeline`: same constructor, loaders, call arguments and outputs, plus
@@ -59,21 +60,13 @@ class StableDiffusionXLPipeline(ConditionalLoopMixin, diffusers.StableDiffusionX
             None,
             a["callback_on_step_end_tensor_inputs"],
         )
-        self._guidance_scale = a["guidance_scale"]
-        self._guidance_rescale = a["guidance_rescale"]
-        self._clip_skip = a["clip_skip"]
-        self._cross_attention_kwargs = None
-        self._denoising_end = a["denoising_end"]
-        self._interrupt = False
-        batch_size = batch_size_of(prompt, prompt_embeds)
-        num_images_per_prompt = a["num_images_per_prompt"]
-
+        _, num_images = self._begin_call(a)
         (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds) = (
             self.encode_prompt(
                 prompt=prompt,
                 prompt_2=a["prompt_2"],
                 device=device,
-                num_images_per_prompt=num_images_per_prompt,
+                num_images_per_prompt=a["num_images_per_prompt"],
                 do_classifier_free_guidance=self.do_classifier_free_guidance,
                 negative_prompt=a["negative_prompt"],
                 negative_prompt_2=a["negative_prompt_2"],
@@ -86,16 +79,7 @@ class StableDiffusionXLPipeline(ConditionalLoopMixin, diffusers.StableDiffusionX
             )
         )
         timesteps = self._set_timesteps(a["num_inference_steps"], device, use_graph)
-        latents = self.prepare_latents(
-            batch_size * num_images_per_prompt,
-            self.unet.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            a["generator"],
-            a["latents"],
-        )
+        latents = self._initial_latents(a, num_images, height, width, prompt_embeds.dtype, device)
 
         add_text_embeds = pooled_prompt_embeds
         if self.text_encoder_2 is None:
@@ -125,28 +109,15 @@ class StableDiffusionXLPipeline(ConditionalLoopMixin, diffusers.StableDiffusionX
             add_time_ids = torch.cat([negative_add_time_ids, add_time_ids], dim=0)
         prompt_embeds = prompt_embeds.to(device)
         add_text_embeds = add_text_embeds.to(device)
-        add_time_ids = add_time_ids.to(device).repeat(batch_size * num_images_per_prompt, 1)
+        add_time_ids = add_time_ids.to(device).repeat(num_images, 1)
 
         denoising_end = self.denoising_end
         if denoising_end is not None and isinstance(denoising_end, float) and 0 < denoising_end < 1:
             num_train_timesteps = self.scheduler.config.num_train_timesteps
             discrete_timestep_cutoff = int(round(num_train_timesteps - (denoising_end * num_train_timesteps)))
             timesteps = timesteps[: len(list(filter(lambda ts: ts >= discrete_timestep_cutoff, timesteps)))]
-        timestep_cond = guidance_embedding(self, batch_size * num_images_per_prompt, device, latents.dtype)
-        self._num_timesteps = len(timesteps)
-
-        loop = ConditionalLoop(
-            latents=latents,
-            timesteps=timesteps,
-            prompt_embeds=prompt_embeds,
-            added_cond={"text_embeds": add_text_embeds, "time_ids": add_time_ids},
-            timestep_cond=timestep_cond,
-            guidance_scale=self.guidance_scale if self.do_classifier_free_guidance else None,
-            guidance_rescale=self.guidance_rescale,
-            eta=a["eta"],
-            generator=a["generator"],
-        )
-        latents = self._denoise_latents(loop, device, use_graph)
+        added_cond = {"text_embeds": add_text_embeds, "time_ids": add_time_ids}
+        latents = self._run_loop(a, latents, timesteps, prompt_embeds, added_cond, num_images, device, use_graph)
         return self._finish(latents, a["output_type"], a["return_dict"])
 
     def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool) -> Any:

@@ -81,6 +81,9 @@ TEXT2IMG_CASES = {
     "guidance-below-1": dict(guidance_scale=0.5),
     "integer-guidance": dict(guidance_scale=7),
     "numpy-guidance": dict(guidance_scale=np.float64(7.5), eta=np.float32(0.5)),
+    "tensor-guidance": dict(
+        guidance_scale=torch.tensor(7.5), guidance_rescale=torch.tensor(0.5), eta=torch.tensor(0.5)
+    ),
     "output-latent": dict(output_type="latent", eta=1.0),
     "output-pt-tuple": dict(output_type="pt", return_dict=False),
     "output-pil": dict(output_type="pil"),

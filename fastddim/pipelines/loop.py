@@ -383,13 +383,27 @@ class TextToImageLatentsMixin:
 def check_guidance_arguments(arguments: dict[str, Any]) -> None:
     """Checks the call's ``eta``, ``guidance_scale`` and ``guidance_rescale`` (where the pipeline has it) before any
     work: a value the DDIM loop cannot take raises here, naming it, on the captured and the eager path alike."""
-    eta = arguments["eta"]
-    if not is_real(eta) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite real number >= 0, got {eta!r}")
+    eta = _as_number(arguments["eta"])
+    if eta is None or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite real number >= 0, got {arguments['eta']!r}")
+    arguments["eta"] = eta
     for name in ("guidance_scale", "guidance_rescale"):
-        value = arguments.get(name, 0.0)
-        if not is_real(value) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite real number, got {value!r}")
+        if name not in arguments:
+            continue
+        value = _as_number(arguments[name])
+        if value is None or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite real number, got {arguments[name]!r}")
+        arguments[name] = value
+
+
+def _as_number(value: object) -> float | int | None:
+    """A real number as the loop takes it: a one-element real tensor (which diffusers' arithmetic accepts too) as its
+    Python value, read once per call; None for anything else."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return value.item()
+    return value if is_real(value) else None
 
 
 def guidance_embedding(pipe: Any, num_images: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:

@@ -352,11 +352,15 @@ def tensor_version(tensor: object) -> int | None:
     """The tensor's in-place version counter (``Tensor._version``, torch >= 1.0; no public equivalent): it changes on
     every in-place write through autograd-visible ops (``copy_``, ``add_``, ``load_state_dict``), also of a view.
 
-    None for non-tensors (and, should torch ever drop the attribute, in-place changes would go unnoticed rather than
-    break anything).
+    None for non-tensors and for inference tensors, which have no counter (and, should torch ever drop the attribute,
+    in-place changes would go unnoticed rather than break anything).
     """
     # Called on every step: one getattr (non-tensors have no such attribute).
-    return getattr(tensor, "_version", None)
+    try:
+        return getattr(tensor, "_version", None)
+    except RuntimeError:
+        # Reading an inference tensor's counter raises; outside inference mode it cannot be written in place anyway.
+        return None
 
 
 def repair_default_generator(device: torch.device) -> None:

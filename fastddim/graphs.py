@@ -431,22 +431,25 @@ def _capture_loop(
     """Allocates the static buffers (filled with this call's tensor inputs) and captures the body over them."""
     num_steps = len(host_timesteps)
     with torch.cuda.device(device):
-        timestep_slots = _slotted_buffer(num_steps, 1, torch.int64, device)
-        timestep_slots[:, 0].copy_(torch.tensor(host_timesteps, dtype=torch.int64))
-        static_inputs = {}
-        for name, value in inputs.items():
-            if isinstance(value, torch.Tensor):
-                static_inputs[name] = torch.empty_like(value, device=device).copy_(value)
-            else:
-                static_inputs[name] = torch.full((), float(value), dtype=torch.float32, device=device)
-        step_slots, step_views = {}, {}
-        for name, spec in step_inputs.items():
-            numel = math.prod(spec.shape)
-            slots = step_slots[name] = _slotted_buffer(num_steps, numel, spec.dtype, device).zero_()
-            step_views[name] = [slots[i, :numel].view(spec.shape) for i in range(num_steps)]
-        buffers = LoopBuffers(
-            inputs=static_inputs, steps=step_views, timesteps=[timestep_slots[i, 0] for i in range(num_steps)]
-        )
+        # Static buffers are written in place by every later replay, which may run outside inference mode, where an
+        # inference tensor cannot be written: they are normal tensors even when this call runs under inference_mode.
+        with torch.inference_mode(False):
+            timestep_slots = _slotted_buffer(num_steps, 1, torch.int64, device)
+            timestep_slots[:, 0].copy_(torch.tensor(host_timesteps, dtype=torch.int64))
+            static_inputs = {}
+            for name, value in inputs.items():
+                if isinstance(value, torch.Tensor):
+                    static_inputs[name] = torch.empty_like(value, device=device).copy_(value)
+                else:
+                    static_inputs[name] = torch.full((), float(value), dtype=torch.float32, device=device)
+            step_slots, step_views = {}, {}
+            for name, spec in step_inputs.items():
+                numel = math.prod(spec.shape)
+                slots = step_slots[name] = _slotted_buffer(num_steps, numel, spec.dtype, device).zero_()
+                step_views[name] = [slots[i, :numel].view(spec.shape) for i in range(num_steps)]
+            buffers = LoopBuffers(
+                inputs=static_inputs, steps=step_views, timesteps=[timestep_slots[i, 0] for i in range(num_steps)]
+            )
         graph, output = capture_graph(lambda steps: body(buffers, steps), num_steps, device, uses_rng)
     return CapturedLoop(
         graph=graph,

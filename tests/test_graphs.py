@@ -247,3 +247,45 @@ def test_cached_loops_keep_their_modules_alive(stand_in_graphs):
     cache.clear()
     gc.collect()
     assert alive() is None
+
+
+def test_inference_tensors_have_no_version_counter_but_fingerprint(stand_in_graphs):
+    with torch.inference_mode():
+        module = torch.nn.Linear(2, 2)
+    assert compat.tensor_version(module.weight) is None
+    cache = CapturedLoopCache()
+    assert lookup(cache, torch.ones(3), module=module) is not None
+    assert lookup(cache, torch.ones(3), module=module) is not None
+    assert cache.info()[:2] == (1, 1)
+
+
+class _CaptureModeGraph:
+    """A stand-in graph whose replay writes its output as a real graph does: from the device, whatever the caller's
+    inference mode (a captured kernel's writes pass no autograd check)."""
+
+    def __init__(self, run, num_steps):
+        self.run, self.num_steps = run, num_steps
+        self.output = run(num_steps).clone()
+
+    def replay(self):
+        with torch.inference_mode():
+            self.output.copy_(self.run(self.num_steps))
+
+
+def test_a_loop_captured_under_inference_mode_replays_outside_it(stand_in_graphs, module, monkeypatch):
+    def capture_graph(run, num_steps, device, uses_rng):
+        graph = _CaptureModeGraph(run, num_steps)
+        return graph, graph.output
+
+    monkeypatch.setattr(graphs, "capture_graph", capture_graph)
+    cache = CapturedLoopCache()
+    noise = {"noise": StepInput((3,), torch.float32, lambda n: torch.ones(n, 3))}
+    with torch.inference_mode():
+        loop = lookup(cache, torch.ones(3), module=module, step_inputs=noise)
+        first = loop.replay({"x": torch.ones(3), "scale": 2.0}, noise)
+    with torch.no_grad():
+        again = lookup(cache, torch.zeros(3), module=module, step_inputs=noise)
+        assert again is loop
+        second = again.replay({"x": torch.zeros(3), "scale": 0.5}, noise)
+    torch.testing.assert_close(first, expected(torch.ones(3), 2.0, noises=torch.ones(3, 3)))
+    torch.testing.assert_close(second, expected(torch.zeros(3), 0.5, noises=torch.ones(3, 3)))

@@ -359,20 +359,28 @@ def capture_graph(
     torch.cuda.synchronize(device)
 
     graph = torch.cuda.CUDAGraph()
+    # A pool of our own (what capture_begin would create) whose id is known here, so that a capture that never ends
+    # can give it back to the caching allocator.
+    pool = torch.cuda.graph_pool_handle()
     # Captured by hand rather than with torch.cuda.graph, which leaves its capture stream current when capture_end
     # raises. This stream serves this capture only, so a failed capture leaves no state behind on other streams.
     with torch.cuda.stream(side_stream):
-        # thread_local: a forbidden call (sync, pageable copy) in this thread aborts the capture, while other threads
-        # of the process keep working.
-        graph.capture_begin(capture_error_mode="thread_local")
         try:
-            static_output = run(num_steps)
+            # thread_local: a forbidden call (sync, pageable copy) in this thread aborts the capture, while other
+            # threads of the process keep working.
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                static_output = run(num_steps)
+            except BaseException:
+                # End the invalidated capture, but report what broke it rather than capture_end's complaint.
+                with contextlib.suppress(Exception):
+                    graph.capture_end()
+                raise
+            graph.capture_end()
         except BaseException:
-            # End the invalidated capture, but report what broke it rather than capture_end's complaint.
-            with contextlib.suppress(Exception):
-                graph.capture_end()
+            if not _capture_ended(graph):
+                compat.release_unended_capture_pool(device, pool)
             raise
-        graph.capture_end()
     torch.cuda.current_stream(device).wait_stream(side_stream)
     return graph, static_output
 
@@ -461,6 +469,16 @@ def _capture_loop(
         fingerprint=fingerprint,
         keep_alive=(timestep_slots, *keep_alive),
     )
+
+
+def _capture_ended(graph: Any) -> bool:
+    """Whether ``capture_end`` got as far as handing the graph its pool (``pool()`` refuses until then): the graph
+    then releases the pool itself when it is destroyed."""
+    try:
+        graph.pool()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _input_signature(name: str, value: torch.Tensor | float) -> tuple:

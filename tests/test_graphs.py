@@ -1,6 +1,7 @@
 """The captured-loop engine (``fastddim.graphs``) on the CPU, through the stand-in for capture (tests/conftest.py):
 keys, per-call and per-step inputs, static buffers, invalidation, LRU, fallback and its warning."""
 
+import contextlib
 import gc
 import warnings
 import weakref
@@ -289,3 +290,65 @@ def test_a_loop_captured_under_inference_mode_replays_outside_it(stand_in_graphs
         second = again.replay({"x": torch.zeros(3), "scale": 0.5}, noise)
     torch.testing.assert_close(first, expected(torch.ones(3), 2.0, noises=torch.ones(3, 3)))
     torch.testing.assert_close(second, expected(torch.zeros(3), 0.5, noises=torch.ones(3, 3)))
+
+
+class _FakeStream:
+    cuda_stream = 0
+
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeGraph:
+    """torch.cuda.CUDAGraph's capture protocol as CUDAGraph.cpp implements it: ``pool()`` refuses until capture_end
+    ended the capture; an invalidated capture makes capture_end raise before that."""
+
+    def __init__(self, end_fails):
+        self.end_fails, self.ended, self.begun_with = end_fails, False, None
+
+    def capture_begin(self, pool=None, capture_error_mode="global"):
+        self.begun_with = pool
+
+    def capture_end(self):
+        if self.end_fails:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        self.ended = True
+
+    def pool(self):
+        if not self.ended:
+            raise RuntimeError("Called CUDAGraph::pool() without a preceding successful capture.")
+        return self.begun_with
+
+
+@pytest.mark.parametrize("outcome", ["captured", "python-error", "invalidated"])
+def test_a_capture_that_never_ended_gives_its_pool_back(monkeypatch, outcome):
+    made, released = [], []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 7))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: made.append(_FakeGraph(outcome == "invalidated")) or made[-1])
+    for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+        monkeypatch.setattr(torch._C, name, lambda *args, name=name: released.append((name, *args)), raising=False)
+
+    calls = []
+
+    def run(num_steps):
+        calls.append(num_steps)
+        if outcome != "captured" and len(calls) == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return torch.ones(2)
+
+    device = torch.device("cuda", 3)
+    if outcome == "captured":
+        graph, output = graphs.capture_graph(run, 5, device, uses_rng=False)
+        assert graph is made[0] and torch.equal(output, torch.ones(2))
+    else:
+        with pytest.raises(RuntimeError, match="not permitted"):
+            graphs.capture_graph(run, 5, device, uses_rng=False)
+    assert calls == [graphs.WARMUP_STEPS, 5] and made[0].begun_with == (0, 7)
+    if outcome == "invalidated":
+        assert released == [("_cuda_endAllocateToPool", 3, (0, 7)), ("_cuda_releasePool", 3, (0, 7))]
+    else:
+        assert released == [], "an ended capture's graph releases its own pool"

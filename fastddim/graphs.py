@@ -344,7 +344,7 @@ def capture_graph(
     Returns:
         `tuple`: (``torch.cuda.CUDAGraph``, the static output tensor).
     """
-    side_stream = torch.cuda.Stream(device)
+    side_stream = _capture_stream(device)
     side_stream.wait_stream(torch.cuda.current_stream(device))
     # Warm-up steps draw from the default CUDA generator in Philox mode; restoring it keeps a capturing call on the
     # same random stream as a replaying one (and as the eager loop).
@@ -363,7 +363,7 @@ def capture_graph(
     # can give it back to the caching allocator.
     pool = torch.cuda.graph_pool_handle()
     # Captured by hand rather than with torch.cuda.graph, which leaves its capture stream current when capture_end
-    # raises. This stream serves this capture only, so a failed capture leaves no state behind on other streams.
+    # raises. This stream serves captures only, so a failed capture leaves no state behind on other streams.
     with torch.cuda.stream(side_stream):
         try:
             # thread_local: a forbidden call (sync, pageable copy) in this thread aborts the capture, while other
@@ -469,6 +469,18 @@ def _capture_loop(
         fingerprint=fingerprint,
         keep_alive=(timestep_slots, *keep_alive),
     )
+
+
+# One warm-up and capture stream per device, as torch.cuda.graph keeps one: the caching allocator keeps freed blocks
+# per stream, so a new pooled stream per capture would strand a warm-up's worth of activations on each of them.
+_capture_streams: dict[torch.device, Any] = {}
+
+
+def _capture_stream(device: torch.device) -> Any:
+    stream = _capture_streams.get(device)
+    if stream is None:
+        stream = _capture_streams[device] = torch.cuda.Stream(device)
+    return stream
 
 
 def _capture_ended(graph: Any) -> bool:

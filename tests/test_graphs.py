@@ -322,8 +322,9 @@ class _FakeGraph:
 
 @pytest.mark.parametrize("outcome", ["captured", "python-error", "invalidated"])
 def test_a_capture_that_never_ended_gives_its_pool_back(monkeypatch, outcome):
-    made, released = [], []
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
+    made, released, streams = [], [], []
+    monkeypatch.setattr(graphs, "_capture_streams", {})
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: streams.append(_FakeStream()) or streams[-1])
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
@@ -352,3 +353,6 @@ def test_a_capture_that_never_ended_gives_its_pool_back(monkeypatch, outcome):
         assert released == [("_cuda_endAllocateToPool", 3, (0, 7)), ("_cuda_releasePool", 3, (0, 7))]
     else:
         assert released == [], "an ended capture's graph releases its own pool"
+    if outcome == "captured":
+        graphs.capture_graph(run, 5, device, uses_rng=False)
+        assert len(streams) == 1, "every capture on a device warms up and captures on one stream"

@@ -380,6 +380,8 @@ def capture_graph(
         except BaseException:
             if not _capture_ended(graph):
                 compat.release_unended_capture_pool(device, pool)
+            # Should the stream still be capturing (capture_end refused to end it), no later capture may inherit it.
+            _capture_streams.pop(device, None)
             raise
     torch.cuda.current_stream(device).wait_stream(side_stream)
     return graph, static_output

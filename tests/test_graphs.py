@@ -356,3 +356,5 @@ def test_a_capture_that_never_ended_gives_its_pool_back(monkeypatch, outcome):
     if outcome == "captured":
         graphs.capture_graph(run, 5, device, uses_rng=False)
         assert len(streams) == 1, "every capture on a device warms up and captures on one stream"
+    else:
+        assert graphs._capture_streams == {}, "a failed capture's stream is not reused"

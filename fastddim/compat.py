@@ -46,6 +46,7 @@ __all__ = [
     "module_execution_device",
     "raise_dynamo_limits",
     "refresh",
+    "release_unended_capture_pool",
     "repair_default_generator",
     "reset_dynamo",
     "tensor_version",
@@ -373,11 +374,36 @@ def tensor_version(tensor: object) -> int | None:
     """The tensor's in-place version counter (``Tensor._version``, torch >= 1.0; no public equivalent): it changes on
     every in-place write through autograd-visible ops (``copy_``, ``add_``, ``load_state_dict``), also of a view.
 
-    None for non-tensors (and, should torch ever drop the attribute, in-place changes would go unnoticed rather than
-    break anything).
+    None for non-tensors and for inference tensors, which have no counter (and, should torch ever drop the attribute,
+    in-place changes would go unnoticed rather than break anything).
     """
     # Called on every step: one getattr (non-tensors have no such attribute).
-    return getattr(tensor, "_version", None)
+    try:
+        return getattr(tensor, "_version", None)
+    except RuntimeError:
+        # Reading an inference tensor's counter raises; outside inference mode it cannot be written in place anyway.
+        return None
+
+
+def release_unended_capture_pool(device: torch.device, pool: tuple[int, int]) -> None:
+    """Gives the caching allocator back the private pool of a CUDA-graph capture whose ``capture_end`` failed.
+
+    ``CUDAGraph.capture_end`` stops routing allocations to the graph's pool only once ``cudaStreamEndCapture``
+    succeeded, and the graph releases its pool only after such an end (``aten/src/ATen/cuda/CUDAGraph.cpp`` on
+    torch's main branch). After an invalidated capture the allocator would otherwise keep that pool, with what the
+    capture allocated, for the life of the process, and count a capture as underway: it then never processes the
+    events of cross-stream frees, so those blocks are never reused. ``torch._C._cuda_endAllocateToPool`` and
+    ``_cuda_releasePool`` (no public equivalent; what ``torch.cuda.use_mem_pool`` calls on exit in torch 2.13)
+    finish the two steps; a step that does not apply (a pool never begun, or already ended) fails and is skipped.
+    """
+    if device.type != "cuda":
+        return
+    # Best effort on a path that already failed: never let the clean-up itself raise.
+    with contextlib.suppress(Exception):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+            with contextlib.suppress(Exception):
+                getattr(torch._C, name)(index, pool)
 
 
 def repair_default_generator(device: torch.device) -> None:

@@ -344,7 +344,7 @@ def capture_graph(
     Returns:
         `tuple`: (``torch.cuda.CUDAGraph``, the static output tensor).
     """
-    side_stream = torch.cuda.Stream(device)
+    side_stream = _capture_stream(device)
     side_stream.wait_stream(torch.cuda.current_stream(device))
     # Warm-up steps draw from the default CUDA generator in Philox mode; restoring it keeps a capturing call on the
     # same random stream as a replaying one (and as the eager loop).
@@ -359,20 +359,30 @@ def capture_graph(
     torch.cuda.synchronize(device)
 
     graph = torch.cuda.CUDAGraph()
+    # A pool of our own (what capture_begin would create) whose id is known here, so that a capture that never ends
+    # can give it back to the caching allocator.
+    pool = torch.cuda.graph_pool_handle()
     # Captured by hand rather than with torch.cuda.graph, which leaves its capture stream current when capture_end
-    # raises. This stream serves this capture only, so a failed capture leaves no state behind on other streams.
+    # raises. This stream serves captures only, so a failed capture leaves no state behind on other streams.
     with torch.cuda.stream(side_stream):
-        # thread_local: a forbidden call (sync, pageable copy) in this thread aborts the capture, while other threads
-        # of the process keep working.
-        graph.capture_begin(capture_error_mode="thread_local")
         try:
-            static_output = run(num_steps)
+            # thread_local: a forbidden call (sync, pageable copy) in this thread aborts the capture, while other
+            # threads of the process keep working.
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                static_output = run(num_steps)
+            except BaseException:
+                # End the invalidated capture, but report what broke it rather than capture_end's complaint.
+                with contextlib.suppress(Exception):
+                    graph.capture_end()
+                raise
+            graph.capture_end()
         except BaseException:
-            # End the invalidated capture, but report what broke it rather than capture_end's complaint.
-            with contextlib.suppress(Exception):
-                graph.capture_end()
+            if not _capture_ended(graph):
+                compat.release_unended_capture_pool(device, pool)
+            # Should the stream still be capturing (capture_end refused to end it), no later capture may inherit it.
+            _capture_streams.pop(device, None)
             raise
-        graph.capture_end()
     torch.cuda.current_stream(device).wait_stream(side_stream)
     return graph, static_output
 
@@ -431,22 +441,25 @@ def _capture_loop(
     """Allocates the static buffers (filled with this call's tensor inputs) and captures the body over them."""
     num_steps = len(host_timesteps)
     with torch.cuda.device(device):
-        timestep_slots = _slotted_buffer(num_steps, 1, torch.int64, device)
-        timestep_slots[:, 0].copy_(torch.tensor(host_timesteps, dtype=torch.int64))
-        static_inputs = {}
-        for name, value in inputs.items():
-            if isinstance(value, torch.Tensor):
-                static_inputs[name] = torch.empty_like(value, device=device).copy_(value)
-            else:
-                static_inputs[name] = torch.full((), float(value), dtype=torch.float32, device=device)
-        step_slots, step_views = {}, {}
-        for name, spec in step_inputs.items():
-            numel = math.prod(spec.shape)
-            slots = step_slots[name] = _slotted_buffer(num_steps, numel, spec.dtype, device).zero_()
-            step_views[name] = [slots[i, :numel].view(spec.shape) for i in range(num_steps)]
-        buffers = LoopBuffers(
-            inputs=static_inputs, steps=step_views, timesteps=[timestep_slots[i, 0] for i in range(num_steps)]
-        )
+        # Static buffers are written in place by every later replay, which may run outside inference mode, where an
+        # inference tensor cannot be written: they are normal tensors even when this call runs under inference_mode.
+        with torch.inference_mode(False):
+            timestep_slots = _slotted_buffer(num_steps, 1, torch.int64, device)
+            timestep_slots[:, 0].copy_(torch.tensor(host_timesteps, dtype=torch.int64))
+            static_inputs = {}
+            for name, value in inputs.items():
+                if isinstance(value, torch.Tensor):
+                    static_inputs[name] = torch.empty_like(value, device=device).copy_(value)
+                else:
+                    static_inputs[name] = torch.full((), float(value), dtype=torch.float32, device=device)
+            step_slots, step_views = {}, {}
+            for name, spec in step_inputs.items():
+                numel = math.prod(spec.shape)
+                slots = step_slots[name] = _slotted_buffer(num_steps, numel, spec.dtype, device).zero_()
+                step_views[name] = [slots[i, :numel].view(spec.shape) for i in range(num_steps)]
+            buffers = LoopBuffers(
+                inputs=static_inputs, steps=step_views, timesteps=[timestep_slots[i, 0] for i in range(num_steps)]
+            )
         graph, output = capture_graph(lambda steps: body(buffers, steps), num_steps, device, uses_rng)
     return CapturedLoop(
         graph=graph,
@@ -458,6 +471,28 @@ def _capture_loop(
         fingerprint=fingerprint,
         keep_alive=(timestep_slots, *keep_alive),
     )
+
+
+# One warm-up and capture stream per device, as torch.cuda.graph keeps one: the caching allocator keeps freed blocks
+# per stream, so a new pooled stream per capture would strand a warm-up's worth of activations on each of them.
+_capture_streams: dict[torch.device, Any] = {}
+
+
+def _capture_stream(device: torch.device) -> Any:
+    stream = _capture_streams.get(device)
+    if stream is None:
+        stream = _capture_streams[device] = torch.cuda.Stream(device)
+    return stream
+
+
+def _capture_ended(graph: Any) -> bool:
+    """Whether ``capture_end`` got as far as handing the graph its pool (``pool()`` refuses until then): the graph
+    then releases the pool itself when it is destroyed."""
+    try:
+        graph.pool()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _input_signature(name: str, value: torch.Tensor | float) -> tuple:

@@ -1,6 +1,7 @@
 """The captured-loop engine (``fastddim.graphs``) on the CPU, through the stand-in for capture (tests/conftest.py):
 keys, per-call and per-step inputs, static buffers, invalidation, LRU, fallback and its warning."""
 
+import contextlib
 import gc
 import warnings
 import weakref
@@ -247,3 +248,113 @@ def test_cached_loops_keep_their_modules_alive(stand_in_graphs):
     cache.clear()
     gc.collect()
     assert alive() is None
+
+
+def test_inference_tensors_have_no_version_counter_but_fingerprint(stand_in_graphs):
+    with torch.inference_mode():
+        module = torch.nn.Linear(2, 2)
+    assert compat.tensor_version(module.weight) is None
+    cache = CapturedLoopCache()
+    assert lookup(cache, torch.ones(3), module=module) is not None
+    assert lookup(cache, torch.ones(3), module=module) is not None
+    assert cache.info()[:2] == (1, 1)
+
+
+class _CaptureModeGraph:
+    """A stand-in graph whose replay writes its output as a real graph does: from the device, whatever the caller's
+    inference mode (a captured kernel's writes pass no autograd check)."""
+
+    def __init__(self, run, num_steps):
+        self.run, self.num_steps = run, num_steps
+        self.output = run(num_steps).clone()
+
+    def replay(self):
+        with torch.inference_mode():
+            self.output.copy_(self.run(self.num_steps))
+
+
+def test_a_loop_captured_under_inference_mode_replays_outside_it(stand_in_graphs, module, monkeypatch):
+    def capture_graph(run, num_steps, device, uses_rng):
+        graph = _CaptureModeGraph(run, num_steps)
+        return graph, graph.output
+
+    monkeypatch.setattr(graphs, "capture_graph", capture_graph)
+    cache = CapturedLoopCache()
+    noise = {"noise": StepInput((3,), torch.float32, lambda n: torch.ones(n, 3))}
+    with torch.inference_mode():
+        loop = lookup(cache, torch.ones(3), module=module, step_inputs=noise)
+        first = loop.replay({"x": torch.ones(3), "scale": 2.0}, noise)
+    with torch.no_grad():
+        again = lookup(cache, torch.zeros(3), module=module, step_inputs=noise)
+        assert again is loop
+        second = again.replay({"x": torch.zeros(3), "scale": 0.5}, noise)
+    torch.testing.assert_close(first, expected(torch.ones(3), 2.0, noises=torch.ones(3, 3)))
+    torch.testing.assert_close(second, expected(torch.zeros(3), 0.5, noises=torch.ones(3, 3)))
+
+
+class _FakeStream:
+    cuda_stream = 0
+
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeGraph:
+    """torch.cuda.CUDAGraph's capture protocol as CUDAGraph.cpp implements it: ``pool()`` refuses until capture_end
+    ended the capture; an invalidated capture makes capture_end raise before that."""
+
+    def __init__(self, end_fails):
+        self.end_fails, self.ended, self.begun_with = end_fails, False, None
+
+    def capture_begin(self, pool=None, capture_error_mode="global"):
+        self.begun_with = pool
+
+    def capture_end(self):
+        if self.end_fails:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        self.ended = True
+
+    def pool(self):
+        if not self.ended:
+            raise RuntimeError("Called CUDAGraph::pool() without a preceding successful capture.")
+        return self.begun_with
+
+
+@pytest.mark.parametrize("outcome", ["captured", "python-error", "invalidated"])
+def test_a_capture_that_never_ended_gives_its_pool_back(monkeypatch, outcome):
+    made, released, streams = [], [], []
+    monkeypatch.setattr(graphs, "_capture_streams", {})
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: streams.append(_FakeStream()) or streams[-1])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 7))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: made.append(_FakeGraph(outcome == "invalidated")) or made[-1])
+    for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+        monkeypatch.setattr(torch._C, name, lambda *args, name=name: released.append((name, *args)), raising=False)
+
+    calls = []
+
+    def run(num_steps):
+        calls.append(num_steps)
+        if outcome != "captured" and len(calls) == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return torch.ones(2)
+
+    device = torch.device("cuda", 3)
+    if outcome == "captured":
+        graph, output = graphs.capture_graph(run, 5, device, uses_rng=False)
+        assert graph is made[0] and torch.equal(output, torch.ones(2))
+    else:
+        with pytest.raises(RuntimeError, match="not permitted"):
+            graphs.capture_graph(run, 5, device, uses_rng=False)
+    assert calls == [graphs.WARMUP_STEPS, 5] and made[0].begun_with == (0, 7)
+    if outcome == "invalidated":
+        assert released == [("_cuda_endAllocateToPool", 3, (0, 7)), ("_cuda_releasePool", 3, (0, 7))]
+    else:
+        assert released == [], "an ended capture's graph releases its own pool"
+    if outcome == "captured":
+        graphs.capture_graph(run, 5, device, uses_rng=False)
+        assert len(streams) == 1, "every capture on a device warms up and captures on one stream"
+    else:
+        assert graphs._capture_streams == {}, "a failed capture's stream is not reused"

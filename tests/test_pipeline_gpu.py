@@ -237,6 +237,13 @@ def test_output_types_through_the_graph(unet):
     assert pipe.cuda_graph_cache_info()[:2] == (1, 1)
 
 
+def graph_pool_ids() -> set:
+    """The private (graph) memory pools that still hold device memory once everything freeable is freed."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {tuple(segment["segment_pool_id"]) for segment in torch.cuda.memory_snapshot()} - {(0, 0)}
+
+
 class SyncingUNet(diffusers.UNet2DModel):
     """A UNet that reads a value back to the host in every forward: fine eagerly, impossible to capture."""
 
@@ -259,11 +266,13 @@ def test_capture_failure_falls_back_to_eager_with_one_warning(unet, mode):
             torch.manual_seed(0)
         return pipe(batch_size=2, generator=generator, eta=eta, num_inference_steps=STEPS, output_type="pt", **extra)
 
+    pools_before = graph_pool_ids()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         fallback = call().images
     messages = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "capture" in messages[0], messages
+    assert graph_pool_ids() <= pools_before, "the failed capture kept its private memory pool"
     eager = call(cuda_graph=False).images
     assert max_diff(fallback, eager) <= 1e-6
 

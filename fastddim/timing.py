@@ -155,7 +155,8 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, *, unroll: int = 
     """Captures ``unroll`` consecutive calls of ``fn`` in one CUDA graph.
 
     Warm-up runs on a side stream first: Triton compiles and caches (and any lazy device tables) must exist before
-    capture, which forbids host syncs.
+    capture, which forbids host syncs. The capture uses the same stream: per-stream caches (the thresholding
+    kernels' scratch buffers) then already exist, rather than being made, and filled, inside the graph.
 
     Returns:
         `tuple`: (the ``torch.cuda.CUDAGraph``, the last captured call's output).
@@ -169,7 +170,7 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, *, unroll: int = 
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
     out = None
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         for _ in range(unroll):
             out = fn()
     torch.cuda.synchronize(device)

@@ -67,7 +67,8 @@ def _captured_loop(scheduler: DDIMScheduler, static_sample: torch.Tensor, timest
         loop()  # warm-up: Triton JIT and the device coefficient table, before capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # The warm-up's stream: the thresholding kernels' per-stream scratch buffers then exist before capture.
+    with torch.cuda.graph(graph, stream=stream):
         static_out = loop()
     return graph, static_out, loop
 

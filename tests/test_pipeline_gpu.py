@@ -92,6 +92,21 @@ def test_graph_matches_eager(eta, generator_device, clipped, dtype, atol):
     assert torch.equal(replayed, graphed), "a replay must reproduce the capturing call exactly"
 
 
+@pytest.mark.parametrize("sample_size", [8, 64], ids=["one-program-rows", "cooperative-rows"])
+def test_thresholded_loop_is_captured_and_matches_eager(sample_size):
+    """Dynamic thresholding inside the captured loop: its quantile kernel splits a large row over cooperating programs
+    (a cooperative launch), which the graph must hold like any other launch, with no fallback to eager."""
+    unet = make_unet(sample_size=sample_size).to("cuda")
+    pipe = make_pipe(unet, fastddim.DDIMScheduler(thresholding=True, clip_sample=False))
+    kwargs = dict(batch_size=2, num_inference_steps=STEPS, output_type="pt")
+    graphed = pipe(generator=generators((0, 1)), **kwargs).images
+    info = pipe.cuda_graph_cache_info()
+    assert (info.misses, info.currsize, info.fallbacks) == (1, 1, 0), info
+    eager = pipe(generator=generators((0, 1)), cuda_graph=False, **kwargs).images
+    assert max_diff(graphed, eager) <= 1e-5, f"graph vs eager: {max_diff(graphed, eager):.3g}"
+    assert torch.equal(pipe(generator=generators((0, 1)), **kwargs).images, graphed)
+
+
 @pytest.mark.parametrize("eta", [0.0, 1.0], ids=["eta0", "eta1-exact"])
 @pytest.mark.parametrize("seeds", [0, (0, 1, 2)], ids=["one-generator", "generator-list"])
 def test_graph_matches_diffusers_pipeline(unet, eta, seeds):

@@ -212,6 +212,22 @@ def test_clip_skip_gives_diffusers_recipe(sd, path, pipelines, clip_skip):
     assert ours.clip_skip == clip_skip
 
 
+def test_clip_skip_warns_of_a_truncated_prompt_as_diffusers_does(sd, caplog):
+    ours, theirs = pair(*SD, sd)
+    long_prompt = " ".join(["a red fox"] * 60)
+    kwargs = dict(num_inference_steps=1, output_type="latent", guidance_scale=1.0)
+
+    def truncation_warnings(pipe, **extra) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            pipe(long_prompt, **kwargs, **extra)
+        return [record.getMessage() for record in caplog.records if "was truncated" in record.getMessage()]
+
+    expected = truncation_warnings(theirs)
+    assert len(expected) == 1
+    assert truncation_warnings(ours, clip_skip=1) == expected
+
+
 @pytest.mark.skipif(
     not hasattr(transformers.CLIPTextModel(transformers.CLIPTextConfig()), "text_model"),
     reason=f"transformers {transformers.__version__}: CLIPTextModel has no text_model, so diffusers' clip_skip fails",

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 from diffusers.loaders import TextualInversionLoaderMixin
-from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
 
 from fastddim import compat
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["PromptEncodingMixin", "clip_skipped_prompt_embeds"]
 
@@ -69,6 +71,13 @@ def clip_skipped_prompt_embeds(
     text_inputs = tokenizer(
         prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     )
+    untruncated_ids = tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+    if untruncated_ids.shape[-1] > text_inputs.input_ids.shape[-1]:
+        removed = tokenizer.batch_decode(untruncated_ids[:, tokenizer.model_max_length - 1 : -1])
+        logger.warning(
+            "The following part of your input was truncated because CLIP can only handle sequences up to"
+            f" {tokenizer.model_max_length} tokens: {removed}"
+        )
     attention_mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
         attention_mask = text_inputs.attention_mask.to(device)

@@ -67,7 +67,11 @@ def _loop_calls(case: LoopCase, device: torch.device, steps: int) -> dict[str, E
         def run() -> torch.Tensor:
             # Both pipelines draw x_T from the global generator: the same seed gives the same noise.
             torch.manual_seed(0)
-            return builds[impl](case.batch_size, steps).images
+            images = builds[impl](case.batch_size, steps).images
+            if isinstance(images, np.ndarray):
+                # Older diffusers' DDIMPipeline (0.35 among them) returns NHWC NumPy images for output_type "pt" too.
+                images = torch.from_numpy(images).permute(0, 3, 1, 2)
+            return images
 
         return run
 

@@ -2,18 +2,20 @@
 
 Each round is one synchronized pipeline call. The first call (CUDA-graph capture) is timed separately and kept in
 ``extra_info`` with images/s, ms/step and peak memory. Cases with ``fastddim.DDIMPipeline`` skip while it is not
-importable.
+importable. The unconditional loops are ``fastddim bench``'s loop cases, the text-to-image ones its ``sd`` cases (from
+prompt embeddings to latents, classifier-free guidance on; `fastddim.benchmark.sd`).
 """
 
 import copy
 import time
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from fastddim.benchmark import loop
-from fastddim.benchmark.cases import DTYPE_NAMES
+from fastddim.benchmark import loop, sd
+from fastddim.benchmark.cases import DTYPE_NAMES, SDCase
 from fastddim.timing import sync
 
 F16, F32 = torch.float16, torch.float32
@@ -29,6 +31,10 @@ GPU_LOOPS = [
 ]
 CPU_LOOPS = [("digits", 1, F32, "fastddim-eager"), ("digits", 1, F32, "diffusers")]
 GPU_STEPS, CPU_STEPS = 50, 10
+# Text-to-image: the SD1.5 architecture at batch 1, 30 steps (random weights); a tiny UNet on the CPU.
+GPU_SD_LOOPS = [("sd15", 1, F16, impl) for impl in ("fastddim-graph", "fastddim-eager", "diffusers")]
+CPU_SD_LOOPS = [("tiny-sd", 1, F32, impl) for impl in ("fastddim-eager", "diffusers")]
+GPU_SD_STEPS, CPU_SD_STEPS = 30, 2
 
 
 def _params(loops: list[tuple]) -> list:
@@ -44,9 +50,33 @@ def _run_loop(
         pipe = loop.build_loop(impl, unet, scheduler_config)
     except loop.SkipCase as skip:
         pytest.skip(str(skip))
+    _time_loop(benchmark, lambda: pipe(batch, steps), model, batch, dtype, impl, device, steps, weights)
 
+
+def _run_sd_loop(
+    benchmark: object, model: str, batch: int, dtype: torch.dtype, impl: str, device: torch.device, steps: int
+) -> None:
+    unet = sd.load_sd_unet(model, device, dtype)
+    case = SDCase(model, batch, dtype, steps)
+    arguments = sd.call_arguments(case, sd.make_sd_inputs(case, unet, device))
+    pipe = sd.SD_IMPLEMENTATIONS[impl].build(sd.SD_MODELS[model][1], unet)
+    weights = f"random ({model} architecture)"
+    _time_loop(benchmark, lambda: pipe(arguments), model, batch, dtype, impl, device, steps, weights)
+
+
+def _time_loop(
+    benchmark: object,
+    call: Callable[[], object],
+    model: str,
+    batch: int,
+    dtype: torch.dtype,
+    impl: str,
+    device: torch.device,
+    steps: int,
+    weights: str,
+) -> None:
     def target() -> None:
-        pipe(batch, steps)
+        call()
         sync(device)
 
     if device.type == "cuda":
@@ -81,3 +111,14 @@ def test_loop_gpu(benchmark: object, model: str, batch: int, dtype: torch.dtype,
 @pytest.mark.parametrize(("model", "batch", "dtype", "impl"), _params(CPU_LOOPS))
 def test_loop_cpu(benchmark: object, model: str, batch: int, dtype: torch.dtype, impl: str) -> None:
     _run_loop(benchmark, model, batch, dtype, impl, torch.device("cpu"), CPU_STEPS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("model", "batch", "dtype", "impl"), _params(GPU_SD_LOOPS))
+def test_sd_loop_gpu(benchmark: object, model: str, batch: int, dtype: torch.dtype, impl: str) -> None:
+    _run_sd_loop(benchmark, model, batch, dtype, impl, torch.device("cuda", torch.cuda.current_device()), GPU_SD_STEPS)
+
+
+@pytest.mark.parametrize(("model", "batch", "dtype", "impl"), _params(CPU_SD_LOOPS))
+def test_sd_loop_cpu(benchmark: object, model: str, batch: int, dtype: torch.dtype, impl: str) -> None:
+    _run_sd_loop(benchmark, model, batch, dtype, impl, torch.device("cpu"), CPU_SD_STEPS)

@@ -187,25 +187,40 @@ def build_parser() -> argparse.ArgumentParser:
         "interpolate",
         help="a PNG strip of images between two seeds (spherical interpolation of x_T, DDIM section 5.3)",
         description="Sample frames along the great circle between the initial noise of two seeds (drawn as "
-        "`fastddim sample --seeds` draws it) with the deterministic sampler (eta 0), and write them as one strip.",
+        "`fastddim sample --seeds` draws it) and write them as one strip. Every frame samples with DDIM's "
+        "deterministic sampler (eta 0), where an image is a function of its initial noise alone, which is what "
+        "makes the frames between two seeds an interpolation. A Stable Diffusion / SDXL folder interpolates the "
+        "initial latents with the prompt fixed (text-to-image only).",
     )
     interpolate.add_argument(
         "--seeds", nargs=2, type=_non_negative_int, required=True, metavar=("A", "B"), help="the two seeds"
     )
     interpolate.add_argument("--frames", type=_positive_int, default=9, help="frames, both ends included (default: 9)")
-    interpolate.add_argument("--model", metavar="DIR", help="as for sample (default: the embedded digits model)")
+    interpolate.add_argument(
+        "--model",
+        metavar="DIR",
+        help="as for sample: a diffusers pipeline or UNet2DModel folder, or a Stable Diffusion / SDXL folder (with "
+        "--prompt); default: the embedded digits model",
+    )
     _add_variant_argument(interpolate)
     interpolate.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
     interpolate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     interpolate.add_argument("--dtype", choices=DTYPES, help="UNet dtype (default: float32 on cpu, float16 on cuda)")
     interpolate.add_argument("--no-cuda-graph", action="store_true", help="run the loop eagerly on CUDA")
-    interpolate.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: 1)")
     interpolate.add_argument(
-        "--scale", type=_positive_int, help=f"nearest-neighbour upscaling of the strip (default: {GRID_SCALE})"
+        "--threads",
+        type=_positive_int,
+        help="CPU threads for torch (default: 1 for small images such as the digits, else torch's default)",
+    )
+    interpolate.add_argument(
+        "--scale",
+        type=_positive_int,
+        help=f"nearest-neighbour upscaling of the strip (default: {GRID_SCALE}; 1 for Stable Diffusion images)",
     )
     interpolate.add_argument(
         "--out", default="interpolation.png", help="the strip's image path (default: interpolation.png)"
     )
+    sd_command.add_arguments(interpolate, image_to_image=False)
 
     commands.add_parser("bench", help="run the fastddim benchmarks (fastddim bench --help)", add_help=False)
     return parser

@@ -3,6 +3,11 @@
 DDIM's deterministic sampler (eta 0) maps x_T to an image, so images between two seeds come from latents between
 their x_T; the DDIM paper interpolates them spherically (section 5.3, `fastddim.slerp`). Seed s's x_T is drawn exactly
 as ``fastddim sample --seeds s`` draws it, so the strip's first and last frames are those seeds' images.
+
+A Stable Diffusion / SDXL folder takes ``fastddim sample``'s text options (`fastddim.sd_command` checks them and
+loads the folder): the initial latents are interpolated and the prompt embeddings stay fixed, so every frame is the
+text-to-image pipeline called with ``latents=`` its interpolant. All frames sample in one pipeline call, as for the
+digits: one UNet batch of ``--frames`` images (twice that under classifier-free guidance).
 """
 
 from __future__ import annotations
@@ -19,29 +24,45 @@ from fastddim.cli import GRID_SCALE, MAX_GRID_PIXELS, UsageError, grid_size, mak
 from fastddim.outputs import write_bytes
 
 MAX_FRAMES = 1000
+# `fastddim.sd_command`'s image-to-image options (argparse dest, flag): parsed, then refused.
+IMAGE_TO_IMAGE_OPTIONS = (("init_image", "--init-image"), ("strength", "--strength"))
 
 
 def run(args: argparse.Namespace) -> int:
     """Checks the arguments, samples the frames, writes the strip atomically; returns the exit status (0)."""
     from diffusers.utils.torch_utils import randn_tensor
 
+    from fastddim import sd_command
     from fastddim.interpolation import slerp
-    from fastddim.sample_command import load_pipeline, resolve_device
+    from fastddim.sample_command import default_cpu_threads, load_pipeline, resolve_device
 
     started = time.perf_counter()
     seed_a, seed_b = args.seeds
     if args.frames < 2 or args.frames > MAX_FRAMES:
         raise UsageError(f"--frames {args.frames}: expected between 2 and {MAX_FRAMES} frames")
+    for dest, flag in IMAGE_TO_IMAGE_OPTIONS:
+        if getattr(args, dest) is not None:
+            raise UsageError(
+                f"{flag}: fastddim interpolate interpolates the initial latents of text-to-image; image-to-image "
+                "starts from the init image instead"
+            )
     out = _check_image_path(args.out)
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    pipe, _ = load_pipeline(args.model, device, dtype, args.variant)
+    # A Stable Diffusion folder loads there (with its prompt options); None for every other model.
+    loaded = sd_command.load_if_prompted(args, device, dtype)
+    pipe, _ = loaded or load_pipeline(args.model, device, dtype, args.variant)
     pipe.set_progress_bar_config(disable=True)
     train_steps = pipe.scheduler.config.num_train_timesteps
     if args.steps > train_steps:
         raise UsageError(f"--steps {args.steps}: the model was trained with {train_steps} timesteps, at most that")
-    sample_size = pipe.unet.config.sample_size
-    height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+    if loaded is not None:
+        height, width = pipe.image_size
+        latent_shape = pipe.latent_shape
+    else:
+        sample_size = pipe.unet.config.sample_size
+        height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+        latent_shape = (pipe.unet.config.in_channels, height, width)
     scale = args.scale or GRID_SCALE
     strip_width, strip_height = grid_size(args.frames, height, width, scale, columns=args.frames)
     if strip_width * strip_height > MAX_GRID_PIXELS:
@@ -50,12 +71,14 @@ def run(args: argparse.Namespace) -> int:
             f"the limit of {MAX_GRID_PIXELS} (PIL's image-size limit); use a smaller --scale or fewer --frames"
         )
     if device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
+        torch.set_num_threads(args.threads or default_cpu_threads(pipe.unet, args.frames))
 
-    shape = (1, pipe.unet.config.in_channels, height, width)
-    # One CPU generator per seed, as `fastddim sample --seeds` draws each image's x_T.
+    # One CPU generator per seed, as `fastddim sample --seeds` draws each image's x_T (Stable Diffusion: in the
+    # prompt embeddings' dtype, which is the loaded dtype).
     ends = [
-        randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=device, dtype=dtype)
+        randn_tensor(
+            (1, *latent_shape), generator=torch.Generator("cpu").manual_seed(seed), device=device, dtype=dtype
+        )
         for seed in (seed_a, seed_b)
     ]
     latents = slerp(ends[0], ends[1], torch.linspace(0, 1, args.frames, dtype=torch.float64))

@@ -41,9 +41,9 @@ if TYPE_CHECKING:
     from fastddim.pipeline import DDIMPipeline
     from fastddim.sample_folder import SampleFolder
 
-__all__ = ["OutputTarget", "load_pipeline", "run"]
+__all__ = ["OutputTarget", "default_cpu_threads", "load_pipeline", "resolve_device", "run"]
 
-# Batches of at most this many input elements sample on one CPU thread by default (see _default_cpu_threads).
+# Batches of at most this many input elements sample on one CPU thread by default (see default_cpu_threads).
 _SMALL_BATCH_ELEMENTS = 1 << 16
 # ... on UNets of at most this many parameters (the digits model has 0.46M; Stable Diffusion's has 860M).
 _SMALL_UNET_PARAMETERS = 10_000_000
@@ -117,7 +117,7 @@ def _sample(
 
     batch_size = args.batch_size or min(DEFAULT_BATCH_SIZE, max(1, max(pending_counts)))
     if device.type == "cpu":
-        torch.set_num_threads(args.threads or _default_cpu_threads(pipe.unet, batch_size))
+        torch.set_num_threads(args.threads or default_cpu_threads(pipe.unet, batch_size))
     my_batches = seed_lists.batches(job.pending, batch_size)
     rounds = max(math.ceil(count / batch_size) for count in pending_counts)
     sampling_started = time.perf_counter()
@@ -342,7 +342,7 @@ def _write_file(
     return f"{what} to {out}"
 
 
-def _default_cpu_threads(unet: torch.nn.Module, batch_size: int) -> int:
+def default_cpu_threads(unet: torch.nn.Module, batch_size: int) -> int:
     """One thread for small batches of small images on a small UNet, else torch's default.
 
     The convolutions of such batches are too small to gain from intra-op threads, and on a busy machine (CI, a

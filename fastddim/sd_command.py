@@ -1,4 +1,5 @@
-"""``fastddim sample`` on Stable Diffusion and SDXL folders: text-to-image, and image-to-image with ``--init-image``.
+"""``fastddim sample`` on Stable Diffusion and SDXL folders: text-to-image, and image-to-image with ``--init-image``;
+``fastddim interpolate`` (`fastddim.interpolate_command`) on them too, text-to-image from given latents.
 
 `fastddim.sample_command` runs the job (seeds, outputs, manifests, ``--resume``, torchrun ranks); this module adds
 what a text-conditioned model needs: its options (``--prompt``, ``--negative-prompt``, ``--guidance-scale``,
@@ -97,8 +98,12 @@ def _multiple_of_8(text: str) -> int:
     return value
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the Stable Diffusion options to ``fastddim sample``'s parser (all default to None: "not given")."""
+def add_arguments(parser: argparse.ArgumentParser, image_to_image: bool = True) -> None:
+    """Adds the Stable Diffusion options to a command's parser (all default to None: "not given").
+
+    Without ``image_to_image`` (``fastddim interpolate``) ``--init-image`` and ``--strength`` are still parsed, but
+    hidden from ``--help``, so that the command can refuse them in one line of its own.
+    """
     group = parser.add_argument_group(
         "Stable Diffusion / SDXL folders",
         "with --model a StableDiffusionPipeline or StableDiffusionXLPipeline folder; a scheduler other than DDIM "
@@ -115,19 +120,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--height",
         type=_multiple_of_8,
-        help="image height in pixels, a multiple of 8 (default: the model's; img2img: the init image's)",
+        help="image height in pixels, a multiple of 8 (default: the model's"
+        + ("; img2img: the init image's)" if image_to_image else ")"),
     )
     group.add_argument("--width", type=_multiple_of_8, help="image width in pixels, a multiple of 8 (as --height)")
     group.add_argument(
         "--init-image",
         metavar="PATH",
-        help="image-to-image from this picture (SD folders; resized to --height/--width when given)",
+        help="image-to-image from this picture (SD folders; resized to --height/--width when given)"
+        if image_to_image
+        else argparse.SUPPRESS,
     )
     group.add_argument(
         "--strength",
         type=_strength,
         metavar="S",
-        help="with --init-image: how much of the schedule reruns, in (0, 1] (default: 0.8)",
+        help="with --init-image: how much of the schedule reruns, in (0, 1] (default: 0.8)"
+        if image_to_image
+        else argparse.SUPPRESS,
     )
 
 
@@ -170,10 +180,12 @@ def _component(index: dict, name: str) -> tuple[str, str] | None:
 def load_if_prompted(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype, rank: int = 0
 ) -> tuple[PromptedSampler, dict] | None:
-    """The hook of `fastddim.sample_command`: loads a Stable Diffusion-family ``--model`` and checks its options.
+    """The hook of `fastddim.sample_command` and `fastddim.interpolate_command`: loads a Stable Diffusion-family
+    ``--model`` and checks its options.
 
     Args:
-        args (`argparse.Namespace`): ``fastddim sample``'s arguments.
+        args (`argparse.Namespace`): the command's arguments (``args.command`` names it in messages; default
+            ``sample``).
         device (`torch.device`), dtype (`torch.dtype`): where and in what the pipeline runs.
         rank (`int`, *optional*): this process's rank; only rank 0 prints the scheduler note (when sampling starts,
             so that an error found before stays the only line on stderr).
@@ -186,6 +198,7 @@ def load_if_prompted(
     Raises:
         UsageError: a missing or misplaced option, an unreadable init image, a folder that does not load.
     """
+    program = f"fastddim {getattr(args, 'command', None) or 'sample'}"
     if args.model is not None and not pathlib.Path(args.model).is_dir():
         raise UsageError(f"--model {args.model}: no such folder")
     if args.model is not None:
@@ -193,8 +206,7 @@ def load_if_prompted(
         refused = REFUSED_PIPELINES.get(index.get("_class_name"))
         if refused is not None:
             raise UsageError(
-                f"--model {args.model}: {refused}; fastddim sample runs Stable Diffusion and SDXL text-to-image "
-                "folders"
+                f"--model {args.model}: {refused}; {program} runs Stable Diffusion and SDXL text-to-image folders"
             )
     kind = model_kind(args.model)
     if kind is None:
@@ -215,8 +227,8 @@ def load_if_prompted(
     if pipe.unet.config.in_channels != latent_channels:
         raise UsageError(
             f"--model {args.model}: its UNet takes {pipe.unet.config.in_channels} input channels, not the VAE's "
-            f"{latent_channels} latent channels (an inpainting or depth model?); fastddim sample runs text-to-image "
-            "and image-to-image UNets"
+            f"{latent_channels} latent channels (an inpainting or depth model?); {program} runs text-to-image "
+            + ("and image-to-image UNets" if program == "fastddim sample" else "UNets")
         )
     if init_image is not None:
         from fastddim import StableDiffusionImg2ImgPipeline
@@ -225,7 +237,7 @@ def load_if_prompted(
     sampler = PromptedSampler(pipe, kind, options, init_image, folder, variants, original_scheduler)
     if original_scheduler is not None and rank == 0:
         sampler.note = (
-            f"note: {args.model}'s scheduler is {original_scheduler}; fastddim sample runs DDIM on its noise "
+            f"note: {args.model}'s scheduler is {original_scheduler}; {program} runs DDIM on its noise "
             "schedule (fastddim.DDIMScheduler.from_config)"
         )
     if args.scale is None:
@@ -382,7 +394,8 @@ def _load_component(folder: pathlib.Path, name: str, index: dict, dtype: torch.d
 
 @dataclasses.dataclass
 class PromptedSampler:
-    """A Stable Diffusion pipeline behind `fastddim.DDIMPipeline`'s ``seeds`` call, as ``fastddim sample`` uses it.
+    """A Stable Diffusion pipeline behind `fastddim.DDIMPipeline`'s ``seeds`` call, as ``fastddim sample`` uses it,
+    and its ``latents`` call, as ``fastddim interpolate`` does.
 
     Attributes:
         pipe: the fastddim pipeline (`StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` or
@@ -429,20 +442,33 @@ class PromptedSampler:
             self.options["width"] or default[1] * factor,
         )
 
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one text-to-image x_T, as diffusers' ``prepare_latents`` draws it."""
+        height, width = self.image_size
+        factor = self.pipe.vae_scale_factor
+        return self.pipe.unet.config.in_channels, height // factor, width // factor
+
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         self.pipe.set_progress_bar_config(**kwargs)
 
     def __call__(
         self,
-        seeds: list[int],
-        eta: float,
-        num_inference_steps: int,
+        seeds: list[int] | None = None,
+        eta: float = 0.0,
+        num_inference_steps: int = 50,
         output_type: str = "np",
         cuda_graph: bool | None = None,
+        latents: torch.Tensor | None = None,
     ) -> Any:
-        """Draws one image per seed (see the module docstring) and returns the pipeline's output."""
+        """Draws one image per seed (see the module docstring), or per row of text-to-image ``latents`` (x_T, as
+        `fastddim.DDIMPipeline` takes them; no generator then), and returns the pipeline's output."""
         from fastddim.seeds import seed_generators
 
+        if (seeds is None) == (latents is None):
+            raise ValueError("pass either seeds or latents")
+        if latents is not None and self.init_image is not None:
+            raise ValueError("latents are x_T of text-to-image; image-to-image draws its own from the init image")
         if self.note is not None:
             print(self.note, file=sys.stderr)
             self.note = None
@@ -450,8 +476,8 @@ class PromptedSampler:
             prompt=self.options["prompt"],
             negative_prompt=self.options["negative_prompt"],
             guidance_scale=self.options["guidance_scale"],
-            num_images_per_prompt=len(seeds),
-            generator=seed_generators(seeds),
+            num_images_per_prompt=len(seeds) if latents is None else len(latents),
+            generator=None if seeds is None else seed_generators(seeds),
             eta=eta,
             num_inference_steps=num_inference_steps,
             output_type=output_type,
@@ -461,7 +487,7 @@ class PromptedSampler:
             kwargs.update(image=self.init_image, strength=self.options["strength"])
         else:
             height, width = self.image_size
-            kwargs.update(height=height, width=width)
+            kwargs.update(height=height, width=width, latents=latents)
         return self.pipe(**kwargs)
 
     def unet_sha256(self) -> str:

@@ -92,11 +92,11 @@ def sd_components(tmp_path: Path) -> dict:
     )
 
 
-def sdxl_components(tmp_path: Path) -> dict:
-    """Components of ``StableDiffusionXLPipeline``: two text encoders (the second with a projection)."""
-    tokenizer = write_tokenizer(tmp_path / "tokenizer")
+def sdxl_unet(cross_attention_dim: int, num_time_ids: int) -> diffusers.UNet2DConditionModel:
+    """An SDXL UNet: added ``text_time`` conditioning of ``num_time_ids`` ids (6 for the base model's sizes, 5 for
+    the refiner's sizes and aesthetic score) plus a 32-wide pooled text embedding."""
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
+    return diffusers.UNet2DConditionModel(
         block_out_channels=(4, 8),
         layers_per_block=1,
         sample_size=LATENT_SIZE,
@@ -109,27 +109,58 @@ def sdxl_components(tmp_path: Path) -> dict:
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
+        projection_class_embeddings_input_dim=num_time_ids * 8 + 32,
+        cross_attention_dim=cross_attention_dim,
         norm_num_groups=2,
     ).eval()
+
+
+def sdxl_components(tmp_path: Path) -> dict:
+    """Components of ``StableDiffusionXLPipeline`` (and of ``StableDiffusionXLImg2ImgPipeline`` without aesthetic
+    scores): two text encoders (the second with a projection)."""
+    tokenizer = write_tokenizer(tmp_path / "tokenizer")
+    unet = sdxl_unet(cross_attention_dim=64, num_time_ids=6)
     torch.manual_seed(0)
     text_encoder = transformers.CLIPTextModel(text_encoder_config(len(tokenizer))).eval()
-    torch.manual_seed(0)
-    text_encoder_2 = transformers.CLIPTextModelWithProjection(text_encoder_config(len(tokenizer))).eval()
     return dict(
         unet=unet,
         scheduler=ddim_scheduler(),
         vae=make_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
+        text_encoder_2=projected_text_encoder(tokenizer),
         tokenizer_2=tokenizer,
         image_encoder=None,
         feature_extractor=None,
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
+
+
+def sdxl_refiner_components(tmp_path: Path) -> dict:
+    """Components of ``StableDiffusionXLImg2ImgPipeline`` shaped like SDXL's refiner: only the second (projected)
+    text encoder, and a UNet conditioned on an aesthetic score (``requires_aesthetics_score``) that shares the base
+    components' VAE weights, so base latents hand over."""
+    tokenizer = write_tokenizer(tmp_path / "tokenizer")
+    return dict(
+        unet=sdxl_unet(cross_attention_dim=32, num_time_ids=5),
+        scheduler=ddim_scheduler(),
+        vae=make_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=projected_text_encoder(tokenizer),
+        tokenizer_2=tokenizer,
+        image_encoder=None,
+        feature_extractor=None,
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+
+
+def projected_text_encoder(tokenizer: transformers.CLIPTokenizer) -> transformers.CLIPTextModelWithProjection:
+    torch.manual_seed(0)
+    return transformers.CLIPTextModelWithProjection(text_encoder_config(len(tokenizer))).eval()
 
 
 def ddim_scheduler(**overrides) -> diffusers.DDIMScheduler:

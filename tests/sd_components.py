@@ -122,45 +122,43 @@ def sdxl_components(tmp_path: Path) -> dict:
     unet = sdxl_unet(cross_attention_dim=64, num_time_ids=6)
     torch.manual_seed(0)
     text_encoder = transformers.CLIPTextModel(text_encoder_config(len(tokenizer))).eval()
+    return sdxl_pipeline_components(unet, text_encoder, tokenizer, force_zeros_for_empty_prompt=True)
+
+
+def sdxl_refiner_components(tmp_path: Path) -> dict:
+    """Components of ``StableDiffusionXLImg2ImgPipeline`` shaped like SDXL's refiner: only the second (projected)
+    text encoder, and a UNet conditioned on an aesthetic score (``requires_aesthetics_score``); the VAE is the base
+    components' (same weights), so base latents hand over."""
+    tokenizer = write_tokenizer(tmp_path / "tokenizer")
+    unet = sdxl_unet(cross_attention_dim=32, num_time_ids=5)
+    return sdxl_pipeline_components(
+        unet, None, tokenizer, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False
+    )
+
+
+def sdxl_pipeline_components(
+    unet: diffusers.UNet2DConditionModel,
+    text_encoder: transformers.CLIPTextModel | None,
+    tokenizer: transformers.CLIPTokenizer,
+    **config,
+) -> dict:
+    """An SDXL pipeline's components around ``unet``: the first text encoder (None for a refiner) and a projected
+    second one, both reading ``tokenizer``, a DDIM scheduler, the VAE, no watermarker; ``config`` as given."""
+    torch.manual_seed(0)
+    text_encoder_2 = transformers.CLIPTextModelWithProjection(text_encoder_config(len(tokenizer))).eval()
     return dict(
         unet=unet,
         scheduler=ddim_scheduler(),
         vae=make_vae(),
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=projected_text_encoder(tokenizer),
+        tokenizer=None if text_encoder is None else tokenizer,
+        text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer,
         image_encoder=None,
         feature_extractor=None,
-        force_zeros_for_empty_prompt=True,
         add_watermarker=False,
+        **config,
     )
-
-
-def sdxl_refiner_components(tmp_path: Path) -> dict:
-    """Components of ``StableDiffusionXLImg2ImgPipeline`` shaped like SDXL's refiner: only the second (projected)
-    text encoder, and a UNet conditioned on an aesthetic score (``requires_aesthetics_score``) that shares the base
-    components' VAE weights, so base latents hand over."""
-    tokenizer = write_tokenizer(tmp_path / "tokenizer")
-    return dict(
-        unet=sdxl_unet(cross_attention_dim=32, num_time_ids=5),
-        scheduler=ddim_scheduler(),
-        vae=make_vae(),
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=projected_text_encoder(tokenizer),
-        tokenizer_2=tokenizer,
-        image_encoder=None,
-        feature_extractor=None,
-        requires_aesthetics_score=True,
-        force_zeros_for_empty_prompt=False,
-        add_watermarker=False,
-    )
-
-
-def projected_text_encoder(tokenizer: transformers.CLIPTokenizer) -> transformers.CLIPTextModelWithProjection:
-    torch.manual_seed(0)
-    return transformers.CLIPTextModelWithProjection(text_encoder_config(len(tokenizer))).eval()
 
 
 def ddim_scheduler(**overrides) -> diffusers.DDIMScheduler:

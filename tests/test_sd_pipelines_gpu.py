@@ -57,6 +57,23 @@ def max_diff(a, b) -> float:
     return (torch.as_tensor(a).float() - torch.as_tensor(b).float()).abs().max().item()
 
 
+def assert_one_graph_serves(pipe, calls: list[dict], kwargs: dict) -> None:
+    """Each call (its ``seed`` and arguments, plus ``kwargs``) replays the first call's graph, matches the eager loop
+    and differs from the first call's images (no stale per-call input)."""
+    graphed = []
+    for call in calls:
+        call = dict(call)
+        seed = call.pop("seed")
+        images = pipe(generator=generators(seed), **call, **kwargs).images
+        eager = pipe(generator=generators(seed), cuda_graph=False, **call, **kwargs).images
+        assert max_diff(images, eager) <= 1e-5, call
+        graphed.append(images)
+    info = pipe.cuda_graph_cache_info()
+    assert (info.hits, info.misses, info.currsize) == (len(calls) - 1, 1, 1), info
+    for i in range(1, len(calls)):
+        assert max_diff(graphed[i], graphed[0]) > 1e-4, f"call {i} replayed stale inputs"
+
+
 # Built per test (tiny, fast): pipelines move their modules to CUDA and cast them in place.
 @pytest.fixture
 def sd(tmp_path):
@@ -150,18 +167,7 @@ def test_sdxl_refiner_new_prompt_guidance_seed_and_aesthetic_score_reuse_the_gra
         dict(prompt=PROMPT, seed=0, guidance_scale=3.0),
         dict(prompt=PROMPT, seed=0, aesthetic_score=9.0, negative_aesthetic_score=1.0),
     ]
-    graphed = []
-    for call in calls:
-        call = dict(call)
-        seed = call.pop("seed")
-        images = pipe(generator=generators(seed), **call, **kwargs).images
-        eager = pipe(generator=generators(seed), cuda_graph=False, **call, **kwargs).images
-        assert max_diff(images, eager) <= 1e-5, call
-        graphed.append(images)
-    info = pipe.cuda_graph_cache_info()
-    assert (info.hits, info.misses, info.currsize) == (len(calls) - 1, 1, 1), info
-    for i in range(1, len(calls)):
-        assert max_diff(graphed[i], graphed[0]) > 1e-4, f"call {i} replayed stale inputs"
+    assert_one_graph_serves(pipe, calls, kwargs)
 
 
 def test_sdxl_base_to_refiner_hand_off_both_captured(sdxl, refiner):
@@ -204,18 +210,7 @@ def test_new_prompt_guidance_and_seed_reuse_the_graph(sd):
         dict(prompt=PROMPT, seed=0, guidance_scale=3.0),
         dict(prompt=PROMPT, seed=0, guidance_scale=7.5, negative_prompt="blurry"),
     ]
-    graphed = []
-    for call in calls:
-        call = dict(call)
-        seed = call.pop("seed")
-        images = pipe(generator=generators(seed), **call, **kwargs).images
-        eager = pipe(generator=generators(seed), cuda_graph=False, **call, **kwargs).images
-        assert max_diff(images, eager) <= 1e-5, call
-        graphed.append(images)
-    info = pipe.cuda_graph_cache_info()
-    assert (info.hits, info.misses, info.currsize) == (len(calls) - 1, 1, 1), info
-    for i in range(1, len(calls)):
-        assert max_diff(graphed[i], graphed[0]) > 1e-4, f"call {i} replayed stale inputs"
+    assert_one_graph_serves(pipe, calls, kwargs)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0], ids=["eta0", "eta1-in-kernel-noise"])

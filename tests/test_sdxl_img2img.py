@@ -207,20 +207,18 @@ def test_euler_runs_the_parent_loop_unchanged(refiner, stand_in_graphs):
 
 def test_new_prompt_guidance_seed_and_aesthetic_score_replay_the_same_graph(refiner, stand_in_graphs):
     ours, theirs = pair(*SDXL_IMG2IMG, refiner)
+    # (seed, arguments): each differs from the first in one per-call input of the captured loop.
     calls = [
-        dict(prompt=PROMPT, seeds=0),
-        dict(prompt="a red car", seeds=0),
-        dict(prompt=PROMPT, seeds=5),
-        dict(prompt=PROMPT, seeds=0, guidance_scale=3.0),
-        dict(prompt=PROMPT, seeds=0, aesthetic_score=9.0, negative_aesthetic_score=1.0),
+        (0, dict(prompt=PROMPT)),
+        (0, dict(prompt="a red car")),
+        (5, dict(prompt=PROMPT)),
+        (0, dict(prompt=PROMPT, guidance_scale=3.0)),
+        (0, dict(prompt=PROMPT, aesthetic_score=9.0, negative_aesthetic_score=1.0)),
     ]
+    common = dict(image=init_image(), num_inference_steps=STEPS, eta=1.0)
     results = []
-    for call in calls:
-        call = dict(call)
-        seeds = call.pop("seeds")
-        mine, reference = call_both(
-            ours, theirs, "graph", seeds, image=init_image(), num_inference_steps=STEPS, eta=1.0, **call
-        )
+    for seed, call in calls:
+        mine, reference = call_both(ours, theirs, "graph", seed, **common, **call)
         np.testing.assert_array_equal(mine, reference, err_msg=str(call))
         results.append(mine)
     assert len(stand_in_graphs) == 1

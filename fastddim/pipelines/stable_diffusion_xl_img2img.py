@@ -5,6 +5,7 @@ inputs of the captured loop."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import diffusers
@@ -51,23 +52,15 @@ class StableDiffusionXLImg2ImgPipeline(
 
     __call__.__signature__ = call_signature(diffusers.StableDiffusionXLImg2ImgPipeline.__call__)
 
-    def prepare_latents(
-        self,
-        image: torch.Tensor,
-        timestep: torch.Tensor,
-        batch_size: int,
-        num_images_per_prompt: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        add_noise: bool = True,
-    ) -> torch.Tensor:
-        # strength * num_inference_steps < 1 leaves no step, and diffusers would noise the latents to an empty batch:
-        # x_0 is then the image's own latents, unnoised.
-        add_noise = add_noise and timestep.numel() > 0
-        return super().prepare_latents(
-            image, timestep, batch_size, num_images_per_prompt, dtype, device, generator, add_noise
-        )
+    def prepare_latents(self, image: torch.Tensor, timestep: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """diffusers' ``prepare_latents`` (same arguments), but an empty ``timestep`` noises nothing:
+        strength * num_inference_steps < 1 leaves no step, and diffusers would noise the latents to an empty batch;
+        x_0 is then the image's own latents, unnoised."""
+        parent = super().prepare_latents
+        bound = inspect.signature(parent).bind(image, timestep, *args, **kwargs)
+        if timestep.numel() == 0:
+            bound.arguments["add_noise"] = False
+        return parent(*bound.args, **bound.kwargs)
 
     def _generate(self, a: dict, device: torch.device, use_graph: bool) -> Any:
         # diffusers 0.42.1 StableDiffusionXLImg2ImgPipeline.__call__, steps 1-9.1, then its loop and post-processing.

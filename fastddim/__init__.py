@@ -18,13 +18,19 @@ __all__ = [
     "SchedulerMixin",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLPipeline",
     "__version__",
     "slerp",
 ]
 
 # The Stable Diffusion pipelines import diffusers' (and so transformers, which only they need): loaded on first use.
-_LAZY_PIPELINES = ("StableDiffusionImg2ImgPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline")
+_LAZY_PIPELINES = (
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLPipeline",
+)
 
 
 def __getattr__(name: str) -> Any:

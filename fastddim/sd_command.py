@@ -4,7 +4,8 @@
 `fastddim.sample_command` runs the job (seeds, outputs, manifests, ``--resume``, torchrun ranks); this module adds
 what a text-conditioned model needs: its options (``--prompt``, ``--negative-prompt``, ``--guidance-scale``,
 ``--height``/``--width``, ``--init-image``/``--strength``), checked before sampling; loading the folder as
-`fastddim.StableDiffusionPipeline` or `fastddim.StableDiffusionXLPipeline` with every weight accounted for; and
+`fastddim.StableDiffusionPipeline`, `fastddim.StableDiffusionXLPipeline` or, for an SDXL refiner folder (which needs
+``--init-image``), `fastddim.StableDiffusionXLImg2ImgPipeline`, with every weight accounted for; and
 `PromptedSampler`, which draws a batch of seeds as `fastddim.DDIMPipeline` does.
 
 Seeds: image ``s`` comes from ``torch.Generator("cpu").manual_seed(s)`` alone, the generator of a direct pipeline
@@ -46,10 +47,11 @@ PIPELINE_KINDS = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionImg2ImgPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
 }
-# Folders of these pipelines hold UNets the text-to-image loop cannot drive (SDXL's refiner conditions on an
-# aesthetic score): refused by name rather than failing mid-sampling.
-REFUSED_PIPELINES = {"StableDiffusionXLImg2ImgPipeline": "an SDXL image-to-image (refiner) folder"}
+# Folders of these pipelines hold UNets that only image-to-image can drive (SDXL's refiner conditions on an aesthetic
+# score, which text-to-image does not give): they need --init-image, and load as this fastddim pipeline.
+IMAGE_TO_IMAGE_PIPELINES = {"StableDiffusionXLImg2ImgPipeline": "an SDXL image-to-image (refiner) folder"}
 # diffusers' defaults for the two families.
 DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0}
 # The options that only a text-conditioned folder takes (argparse dest, flag).
@@ -104,10 +106,16 @@ def add_arguments(parser: argparse.ArgumentParser, image_to_image: bool = True) 
     Without ``image_to_image`` (``fastddim interpolate``) ``--init-image`` and ``--strength`` are still parsed, but
     hidden from ``--help``, so that the command can refuse them in one line of its own.
     """
+    folders = "a StableDiffusionPipeline or StableDiffusionXLPipeline folder"
+    if image_to_image:
+        folders = (
+            "a StableDiffusionPipeline, StableDiffusionXLPipeline or StableDiffusionXLImg2ImgPipeline (refiner, needs "
+            "--init-image) folder"
+        )
     group = parser.add_argument_group(
         "Stable Diffusion / SDXL folders",
-        "with --model a StableDiffusionPipeline or StableDiffusionXLPipeline folder; a scheduler other than DDIM "
-        "is replaced by fastddim.DDIMScheduler on its noise schedule (a note says so)",
+        f"with --model {folders}; a scheduler other than DDIM is replaced by fastddim.DDIMScheduler on its noise "
+        "schedule (a note says so)",
     )
     group.add_argument("--prompt", metavar="TEXT", help="the text prompt (required for these folders)")
     group.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from (needs guidance > 1)")
@@ -127,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser, image_to_image: bool = True) 
     group.add_argument(
         "--init-image",
         metavar="PATH",
-        help="image-to-image from this picture (SD folders; resized to --height/--width when given)"
+        help="image-to-image from this picture (SD and SDXL refiner folders; resized to --height/--width when given)"
         if image_to_image
         else argparse.SUPPRESS,
     )
@@ -201,12 +209,13 @@ def load_if_prompted(
     program = f"fastddim {getattr(args, 'command', None) or 'sample'}"
     if args.model is not None and not pathlib.Path(args.model).is_dir():
         raise UsageError(f"--model {args.model}: no such folder")
-    if args.model is not None:
+    if args.model is not None and program != "fastddim sample":
         index = _read_json(pathlib.Path(args.model) / "model_index.json") or {}
-        refused = REFUSED_PIPELINES.get(index.get("_class_name"))
-        if refused is not None:
+        image_to_image_only = IMAGE_TO_IMAGE_PIPELINES.get(index.get("_class_name"))
+        if image_to_image_only is not None:
             raise UsageError(
-                f"--model {args.model}: {refused}; {program} runs Stable Diffusion and SDXL text-to-image folders"
+                f"--model {args.model}: {image_to_image_only}; {program} runs Stable Diffusion and SDXL text-to-image "
+                "folders"
             )
     kind = model_kind(args.model)
     if kind is None:
@@ -230,7 +239,7 @@ def load_if_prompted(
             f"{latent_channels} latent channels (an inpainting or depth model?); {program} runs text-to-image "
             + ("and image-to-image UNets" if program == "fastddim sample" else "UNets")
         )
-    if init_image is not None:
+    if init_image is not None and kind == "sd":
         from fastddim import StableDiffusionImg2ImgPipeline
 
         pipe = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
@@ -256,10 +265,14 @@ def _check_options(args: argparse.Namespace, kind: str) -> dict:
         )
     if args.strength is not None and args.init_image is None:
         raise UsageError("--strength: applies to image-to-image; pass --init-image PATH")
-    if args.init_image is not None and kind == "sdxl":
+    index = _read_json(pathlib.Path(args.model) / "model_index.json") or {}
+    image_to_image_only = IMAGE_TO_IMAGE_PIPELINES.get(index.get("_class_name"))
+    if image_to_image_only is not None and args.init_image is None:
+        raise UsageError(f"--init-image: --model {args.model} is {image_to_image_only}; pass --init-image PATH")
+    if args.init_image is not None and kind == "sdxl" and image_to_image_only is None:
         raise UsageError(
-            f"--init-image: --model {args.model} is an SDXL folder; fastddim sample runs image-to-image on "
-            "Stable Diffusion 1.x/2.x folders"
+            f"--init-image: --model {args.model} is an SDXL text-to-image folder; fastddim sample runs "
+            "image-to-image on Stable Diffusion 1.x/2.x and SDXL image-to-image (refiner) folders"
         )
     strength = None if args.init_image is None else (0.8 if args.strength is None else args.strength)
     # diffusers' get_timesteps reruns int(steps * strength) steps; with none, the noised init image would come back.
@@ -328,7 +341,10 @@ def _load(
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     index = _read_json(folder / "model_index.json") or {}
-    pipeline_class = fastddim.StableDiffusionXLPipeline if kind == "sdxl" else fastddim.StableDiffusionPipeline
+    if index.get("_class_name") in IMAGE_TO_IMAGE_PIPELINES:
+        pipeline_class = getattr(fastddim, index["_class_name"])
+    else:
+        pipeline_class = fastddim.StableDiffusionXLPipeline if kind == "sdxl" else fastddim.StableDiffusionPipeline
     try:
         components = {
             name: _load_component(folder, name, index, dtype, variants.get(name)) for name in WEIGHTED_COMPONENTS
@@ -398,8 +414,8 @@ class PromptedSampler:
     and its ``latents`` call, as ``fastddim interpolate`` does.
 
     Attributes:
-        pipe: the fastddim pipeline (`StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` or
-            `StableDiffusionXLPipeline`).
+        pipe: the fastddim pipeline (`StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`,
+            `StableDiffusionXLPipeline` or `StableDiffusionXLImg2ImgPipeline`).
         kind (`str`): ``"sd"`` or ``"sdxl"``.
         options (`dict`): prompt, negative prompt, guidance scale, height, width, strength (None where unused).
         init_image (`PIL.Image.Image`, *optional*): img2img's input, already resized.

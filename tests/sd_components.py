@@ -92,11 +92,11 @@ def sd_components(tmp_path: Path) -> dict:
     )
 
 
-def sdxl_components(tmp_path: Path) -> dict:
-    """Components of ``StableDiffusionXLPipeline``: two text encoders (the second with a projection)."""
-    tokenizer = write_tokenizer(tmp_path / "tokenizer")
+def sdxl_unet(cross_attention_dim: int, num_time_ids: int) -> diffusers.UNet2DConditionModel:
+    """An SDXL UNet: added ``text_time`` conditioning of ``num_time_ids`` ids (6 for the base model's sizes, 5 for
+    the refiner's sizes and aesthetic score) plus a 32-wide pooled text embedding."""
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
+    return diffusers.UNet2DConditionModel(
         block_out_channels=(4, 8),
         layers_per_block=1,
         sample_size=LATENT_SIZE,
@@ -109,12 +109,41 @@ def sdxl_components(tmp_path: Path) -> dict:
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
+        projection_class_embeddings_input_dim=num_time_ids * 8 + 32,
+        cross_attention_dim=cross_attention_dim,
         norm_num_groups=2,
     ).eval()
+
+
+def sdxl_components(tmp_path: Path) -> dict:
+    """Components of ``StableDiffusionXLPipeline`` (and of ``StableDiffusionXLImg2ImgPipeline`` without aesthetic
+    scores): two text encoders (the second with a projection)."""
+    tokenizer = write_tokenizer(tmp_path / "tokenizer")
+    unet = sdxl_unet(cross_attention_dim=64, num_time_ids=6)
     torch.manual_seed(0)
     text_encoder = transformers.CLIPTextModel(text_encoder_config(len(tokenizer))).eval()
+    return sdxl_pipeline_components(unet, text_encoder, tokenizer, force_zeros_for_empty_prompt=True)
+
+
+def sdxl_refiner_components(tmp_path: Path) -> dict:
+    """Components of ``StableDiffusionXLImg2ImgPipeline`` shaped like SDXL's refiner: only the second (projected)
+    text encoder, and a UNet conditioned on an aesthetic score (``requires_aesthetics_score``); the VAE is the base
+    components' (same weights), so base latents hand over."""
+    tokenizer = write_tokenizer(tmp_path / "tokenizer")
+    unet = sdxl_unet(cross_attention_dim=32, num_time_ids=5)
+    return sdxl_pipeline_components(
+        unet, None, tokenizer, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False
+    )
+
+
+def sdxl_pipeline_components(
+    unet: diffusers.UNet2DConditionModel,
+    text_encoder: transformers.CLIPTextModel | None,
+    tokenizer: transformers.CLIPTokenizer,
+    **config,
+) -> dict:
+    """An SDXL pipeline's components around ``unet``: the first text encoder (None for a refiner) and a projected
+    second one, both reading ``tokenizer``, a DDIM scheduler, the VAE, no watermarker; ``config`` as given."""
     torch.manual_seed(0)
     text_encoder_2 = transformers.CLIPTextModelWithProjection(text_encoder_config(len(tokenizer))).eval()
     return dict(
@@ -122,13 +151,13 @@ def sdxl_components(tmp_path: Path) -> dict:
         scheduler=ddim_scheduler(),
         vae=make_vae(),
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        tokenizer=None if text_encoder is None else tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer,
         image_encoder=None,
         feature_extractor=None,
-        force_zeros_for_empty_prompt=True,
         add_watermarker=False,
+        **config,
     )
 
 

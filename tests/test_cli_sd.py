@@ -25,7 +25,7 @@ import fastddim
 from fastddim import cli
 
 pytest.importorskip("transformers")
-from tests.sd_components import sd_components, sdxl_components  # noqa: E402
+from tests.sd_components import sd_components, sdxl_components, sdxl_refiner_components  # noqa: E402
 
 STEPS = 3
 PROMPT = "a photo of a cat"
@@ -36,7 +36,8 @@ IMAGE_SIZE = 16
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
     """Saved tiny folders: SD (DDIM scheduler), SD with SD 1.5's PNDM scheduler, SDXL, SD with text-encoder or UNet
-    weights missing, SD with an inpainting-style UNet (9 input channels), and SD with a flow-matching scheduler."""
+    weights missing, SD with an inpainting-style UNet (9 input channels), SD with a flow-matching scheduler, and an
+    SDXL refiner (image-to-image only, one text encoder, aesthetic-score UNet)."""
     root = tmp_path_factory.mktemp("sd-folders")
     sd = diffusers.StableDiffusionPipeline(**sd_components(root / "parts-sd"))
     sd.save_pretrained(root / "sd")
@@ -75,11 +76,8 @@ def folders(tmp_path_factory) -> dict:
     index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
     index_path.write_text(json.dumps(index))
 
-    shutil.copytree(root / "sdxl", root / "refiner")
-    index_path = root / "refiner" / "model_index.json"
-    index_path.write_text(
-        json.dumps({**json.loads(index_path.read_text()), "_class_name": "StableDiffusionXLImg2ImgPipeline"})
-    )
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(**sdxl_refiner_components(root / "parts-refiner"))
+    refiner.save_pretrained(root / "refiner")
     names = ("sd", "pndm", "sdxl", "missing", "missing-unet", "inpaint", "flow", "refiner")
     return {name: root / name for name in names}
 
@@ -160,14 +158,23 @@ def test_default_guidance_and_size_options(folders, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "one.png"))[None], expected)
 
 
-def test_img2img_equals_diffusers(folders, init_image, tmp_path, capsys):
-    status, err = sample(capsys, "--model", str(folders["sd"]), "--seeds", "2,4", "--batch-size", "1",
+@pytest.mark.parametrize(
+    ("model", "diffusers_class", "guidance_scale"),
+    [
+        ("sd", diffusers.StableDiffusionImg2ImgPipeline, 7.5),
+        ("refiner", diffusers.StableDiffusionXLImg2ImgPipeline, 5.0),
+    ],
+    ids=["sd", "sdxl-refiner"],
+)
+def test_img2img_equals_diffusers(folders, init_image, tmp_path, capsys, model, diffusers_class, guidance_scale):
+    status, err = sample(capsys, "--model", str(folders[model]), "--seeds", "2,4", "--batch-size", "1",
                          "--prompt", PROMPT, "--init-image", str(init_image), "--strength", "0.7", "--eta", "1",
                          "--out", str(tmp_path / "img2img.png"))  # fmt: skip
     assert status == 0, err
-    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folders["sd"])
+    pipe = diffusers_class.from_pretrained(folders[model])
+    image = Image.open(init_image).convert("RGB")
     expected = reference(
-        pipe, [2, 4], prompt=PROMPT, image=Image.open(init_image).convert("RGB"), strength=0.7, eta=1.0
+        pipe, [2, 4], prompt=PROMPT, image=image, strength=0.7, eta=1.0, guidance_scale=guidance_scale
     )
     np.testing.assert_array_equal(grid_tiles(tmp_path / "img2img.png", 2), expected)
 
@@ -254,7 +261,7 @@ ERROR_CASES = {
     "missing-text-encoder-weights": (("missing", "--prompt", PROMPT), "text_encoder weights"),
     "missing-unet-weights": (("missing-unet", "--prompt", PROMPT), "unet weights"),
     "inpainting-unet": (("inpaint", "--prompt", PROMPT), "9 input channels"),
-    "sdxl-refiner-folder": (("refiner", "--prompt", PROMPT), "refiner"),
+    "sdxl-refiner-without-init-image": (("refiner", "--prompt", PROMPT), "--init-image"),
     "scheduler-without-noise-schedule": (("flow", "--prompt", PROMPT), "FlowMatchEulerDiscreteScheduler"),
     # The replaced-scheduler note is printed when sampling starts: an error found before stays the only line.
     "too-many-steps-after-scheduler-note": (("pndm", "--prompt", PROMPT, "--steps", "5000"), "--steps 5000"),

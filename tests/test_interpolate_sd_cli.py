@@ -29,11 +29,14 @@ SEEDS = (3, 7)
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
-    """Saved tiny text-to-image folders: SD (DDIM scheduler) and SDXL."""
+    """Saved tiny text-to-image folders: SD (DDIM scheduler) and SDXL; and a refiner folder's model index."""
     root = tmp_path_factory.mktemp("sd-interpolate")
     diffusers.StableDiffusionPipeline(**sd_components(root / "parts-sd")).save_pretrained(root / "sd")
     diffusers.StableDiffusionXLPipeline(**sdxl_components(root / "parts-sdxl")).save_pretrained(root / "sdxl")
-    return {"sd": root / "sd", "sdxl": root / "sdxl"}
+    # An SDXL refiner needs an init image: refused from its model_index.json, before anything loads.
+    (root / "refiner").mkdir()
+    (root / "refiner" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLImg2ImgPipeline"}')
+    return {"sd": root / "sd", "sdxl": root / "sdxl", "refiner": root / "refiner"}
 
 
 def run(capsys, command: str, *args: str) -> tuple[int, str, list[str]]:
@@ -130,6 +133,7 @@ ERROR_CASES = {
         "--negative-prompt",
     ),
     "height-not-multiple-of-8": (("sd", "--prompt", PROMPT, "--height", "20"), "--height"),
+    "sdxl-refiner-folder": (("refiner", "--prompt", PROMPT), "SDXL image-to-image (refiner) folder"),
 }
 
 

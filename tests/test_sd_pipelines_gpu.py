@@ -17,7 +17,7 @@ import fastddim
 
 # The pipelines' text encoders and tokenizers come from transformers (not a fastddim dependency).
 pytest.importorskip("transformers")
-from tests.sd_components import ddim_scheduler, sd_components, sdxl_components  # noqa: E402
+from tests.sd_components import ddim_scheduler, sd_components, sdxl_components, sdxl_refiner_components  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -57,6 +57,23 @@ def max_diff(a, b) -> float:
     return (torch.as_tensor(a).float() - torch.as_tensor(b).float()).abs().max().item()
 
 
+def assert_one_graph_serves(pipe, calls: list[dict], kwargs: dict) -> None:
+    """Each call (its ``seed`` and arguments, plus ``kwargs``) replays the first call's graph, matches the eager loop
+    and differs from the first call's images (no stale per-call input)."""
+    graphed = []
+    for call in calls:
+        call = dict(call)
+        seed = call.pop("seed")
+        images = pipe(generator=generators(seed), **call, **kwargs).images
+        eager = pipe(generator=generators(seed), cuda_graph=False, **call, **kwargs).images
+        assert max_diff(images, eager) <= 1e-5, call
+        graphed.append(images)
+    info = pipe.cuda_graph_cache_info()
+    assert (info.hits, info.misses, info.currsize) == (len(calls) - 1, 1, 1), info
+    for i in range(1, len(calls)):
+        assert max_diff(graphed[i], graphed[0]) > 1e-4, f"call {i} replayed stale inputs"
+
+
 # Built per test (tiny, fast): pipelines move their modules to CUDA and cast them in place.
 @pytest.fixture
 def sd(tmp_path):
@@ -66,6 +83,11 @@ def sd(tmp_path):
 @pytest.fixture
 def sdxl(tmp_path):
     return sdxl_components(tmp_path)
+
+
+@pytest.fixture
+def refiner(tmp_path):
+    return sdxl_refiner_components(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -120,6 +142,64 @@ def test_sdxl_graph_matches_eager_with_denoising_end(sdxl):
     assert pipe.cuda_graph_cache_info()[:2] == (1, 1)
 
 
+@pytest.mark.parametrize("strength", [0.3, 0.8])
+def test_sdxl_img2img_graph_matches_eager(refiner, strength):
+    pipe = make(fastddim.StableDiffusionXLImg2ImgPipeline, refiner)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    kwargs = dict(
+        prompt=PROMPT, image=image, strength=strength, eta=1.0, guidance_rescale=0.5, num_inference_steps=STEPS
+    )
+    graphed = pipe(generator=generators(0), output_type="pt", **kwargs).images
+    eager = pipe(generator=generators(0), cuda_graph=False, output_type="pt", **kwargs).images
+    info = pipe.cuda_graph_cache_info()
+    assert (info.misses, info.currsize, info.fallbacks) == (1, 1, 0), info
+    assert max_diff(graphed, eager) <= 1e-5
+
+
+def test_sdxl_refiner_new_prompt_guidance_seed_and_aesthetic_score_reuse_the_graph(refiner):
+    pipe = make(fastddim.StableDiffusionXLImg2ImgPipeline, refiner)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    kwargs = dict(image=image, strength=0.6, eta=1.0, num_inference_steps=STEPS, output_type="pt")
+    calls = [
+        dict(prompt=PROMPT, seed=0),
+        dict(prompt="a red car", seed=0),
+        dict(prompt=PROMPT, seed=1),
+        dict(prompt=PROMPT, seed=0, guidance_scale=3.0),
+        dict(prompt=PROMPT, seed=0, aesthetic_score=9.0, negative_aesthetic_score=1.0),
+    ]
+    assert_one_graph_serves(pipe, calls, kwargs)
+
+
+def test_sdxl_base_to_refiner_hand_off_both_captured(sdxl, refiner):
+    base = make(fastddim.StableDiffusionXLPipeline, sdxl)
+    pipe = make(fastddim.StableDiffusionXLImg2ImgPipeline, refiner)
+    common = dict(prompt=PROMPT, num_inference_steps=STEPS, eta=1.0)
+
+    def hand_off(cuda_graph):
+        latents = base(
+            generator=generators(0), denoising_end=0.8, output_type="latent", cuda_graph=cuda_graph, **common
+        )
+        assert latents.images.is_cuda and latents.images.shape == (1, 4, 8, 8)
+        refined = pipe(
+            generator=generators(1),
+            image=latents.images,
+            denoising_start=0.8,
+            output_type="pt",
+            cuda_graph=cuda_graph,
+            **common,
+        )
+        return latents.images, refined.images
+
+    graphed_latents, graphed = hand_off(None)
+    for stage in (base, pipe):
+        info = stage.cuda_graph_cache_info()
+        assert (info.misses, info.currsize, info.fallbacks) == (1, 1, 0), info
+    eager_latents, eager = hand_off(False)
+    assert max_diff(graphed_latents, eager_latents) <= 1e-5
+    assert max_diff(graphed, eager) <= 1e-5
+    assert pipe.num_timesteps == 2
+
+
 def test_new_prompt_guidance_and_seed_reuse_the_graph(sd):
     pipe = make(fastddim.StableDiffusionPipeline, sd)
     kwargs = dict(num_inference_steps=STEPS, eta=1.0, output_type="pt")
@@ -130,18 +210,7 @@ def test_new_prompt_guidance_and_seed_reuse_the_graph(sd):
         dict(prompt=PROMPT, seed=0, guidance_scale=3.0),
         dict(prompt=PROMPT, seed=0, guidance_scale=7.5, negative_prompt="blurry"),
     ]
-    graphed = []
-    for call in calls:
-        call = dict(call)
-        seed = call.pop("seed")
-        images = pipe(generator=generators(seed), **call, **kwargs).images
-        eager = pipe(generator=generators(seed), cuda_graph=False, **call, **kwargs).images
-        assert max_diff(images, eager) <= 1e-5, call
-        graphed.append(images)
-    info = pipe.cuda_graph_cache_info()
-    assert (info.hits, info.misses, info.currsize) == (len(calls) - 1, 1, 1), info
-    for i in range(1, len(calls)):
-        assert max_diff(graphed[i], graphed[0]) > 1e-4, f"call {i} replayed stale inputs"
+    assert_one_graph_serves(pipe, calls, kwargs)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0], ids=["eta0", "eta1-in-kernel-noise"])

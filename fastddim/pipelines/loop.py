@@ -156,14 +156,15 @@ class ConditionalLoopMixin(CudaGraphCacheMixin):
 
     def _begin_call(self, a: dict) -> tuple[int, int]:
         """Sets the call state diffusers' ``__call__`` sets (read by its properties: ``guidance_scale``,
-        ``do_classifier_free_guidance``, ``clip_skip``, ``interrupt``... and ``guidance_rescale``/``denoising_end``
-        where the pipeline takes them). Returns the batch size (the number of prompts or prompt embeddings) and the
-        number of images, that times ``num_images_per_prompt``."""
+        ``do_classifier_free_guidance``, ``clip_skip``, ``interrupt``... and ``guidance_rescale``,
+        ``denoising_start``/``denoising_end`` where the pipeline takes them). Returns the batch size (the number of
+        prompts or prompt embeddings) and the number of images, that times ``num_images_per_prompt``."""
         self._guidance_scale = a["guidance_scale"]
         if "guidance_rescale" in a:
             self._guidance_rescale = a["guidance_rescale"]
-        if "denoising_end" in a:
-            self._denoising_end = a["denoising_end"]
+        for name in ("denoising_start", "denoising_end"):
+            if name in a:
+                setattr(self, f"_{name}", a[name])
         self._clip_skip = a["clip_skip"]
         # Calls with cross_attention_kwargs run diffusers' own __call__ (EAGER_ONLY_ARGUMENTS).
         self._cross_attention_kwargs = None

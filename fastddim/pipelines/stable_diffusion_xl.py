@@ -18,7 +18,15 @@ from fastddim.pipelines.loop import (
 )
 from fastddim.pipelines.prompts import PromptEncodingMixin
 
-__all__ = ["StableDiffusionXLPipeline"]
+__all__ = [
+    "StableDiffusionXLPipeline",
+    "denoising_fraction_valid",
+    "discrete_timestep_cutoff",
+    "finish_stable_diffusion_xl",
+    "projection_dim_of",
+    "sdxl_prompt_embeddings",
+    "timesteps_before_denoising_end",
+]
 
 
 class StableDiffusionXLPipeline(
@@ -62,30 +70,13 @@ class StableDiffusionXLPipeline(
         )
         _, num_images = self._begin_call(a)
         (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds) = (
-            self.encode_prompt(
-                prompt=prompt,
-                prompt_2=a["prompt_2"],
-                device=device,
-                num_images_per_prompt=a["num_images_per_prompt"],
-                do_classifier_free_guidance=self.do_classifier_free_guidance,
-                negative_prompt=a["negative_prompt"],
-                negative_prompt_2=a["negative_prompt_2"],
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=a["negative_prompt_embeds"],
-                pooled_prompt_embeds=a["pooled_prompt_embeds"],
-                negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
-                lora_scale=None,
-                clip_skip=self.clip_skip,
-            )
+            sdxl_prompt_embeddings(self, a, device)
         )
         timesteps = self._set_timesteps(a["num_inference_steps"], device, use_graph)
         latents = self._initial_latents(a, num_images, height, width, prompt_embeds.dtype, device)
 
         add_text_embeds = pooled_prompt_embeds
-        if self.text_encoder_2 is None:
-            text_encoder_projection_dim = int(pooled_prompt_embeds.shape[-1])
-        else:
-            text_encoder_projection_dim = self.text_encoder_2.config.projection_dim
+        text_encoder_projection_dim = projection_dim_of(self, pooled_prompt_embeds)
         add_time_ids = self._get_add_time_ids(
             original_size,
             a["crops_coords_top_left"],
@@ -111,49 +102,98 @@ class StableDiffusionXLPipeline(
         add_text_embeds = add_text_embeds.to(device)
         add_time_ids = add_time_ids.to(device).repeat(num_images, 1)
 
-        denoising_end = self.denoising_end
-        if denoising_end is not None and isinstance(denoising_end, float) and 0 < denoising_end < 1:
-            num_train_timesteps = self.scheduler.config.num_train_timesteps
-            discrete_timestep_cutoff = int(round(num_train_timesteps - (denoising_end * num_train_timesteps)))
-            timesteps = timesteps[: len(list(filter(lambda ts: ts >= discrete_timestep_cutoff, timesteps)))]
+        timesteps = timesteps_before_denoising_end(self, timesteps)
         added_cond = {"text_embeds": add_text_embeds, "time_ids": add_time_ids}
         latents = self._run_loop(a, latents, timesteps, prompt_embeds, added_cond, num_images, device, use_graph)
-        return self._finish(latents, a["output_type"], a["return_dict"])
+        return finish_stable_diffusion_xl(self, latents, a["output_type"], a["return_dict"])
 
-    def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool) -> Any:
-        """diffusers' SDXL post-processing: VAE upcast where needed, latent denormalisation, decode, watermark."""
-        if output_type != "latent":
-            # make sure the VAE is in float32 mode, as it overflows in float16
-            needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
-            if needs_upcasting:
-                self.upcast_vae()
-                latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
-            elif latents.dtype != self.vae.dtype and torch.backends.mps.is_available():
-                self.vae = self.vae.to(latents.dtype)
-            has_latents_mean = getattr(self.vae.config, "latents_mean", None) is not None
-            has_latents_std = getattr(self.vae.config, "latents_std", None) is not None
-            if has_latents_mean and has_latents_std:
-                latents_mean = (
-                    torch.tensor(self.vae.config.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-                )
-                latents_std = (
-                    torch.tensor(self.vae.config.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-                )
-                latents = latents * latents_std / self.vae.config.scaling_factor + latents_mean
-            else:
-                latents = latents / self.vae.config.scaling_factor
-            vae_device = compat.module_execution_device(self.vae)
-            if vae_device is not None:
-                latents = latents.to(vae_device)
-            image = self.vae.decode(latents, return_dict=False)[0]
-            if needs_upcasting:
-                self.vae.to(dtype=torch.float16)
-            if self.watermark is not None:
-                image = self.watermark.apply_watermark(image)
-            image = self.image_processor.postprocess(image, output_type=output_type)
+
+def sdxl_prompt_embeddings(
+    pipe: Any, a: dict, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """diffusers' SDXL ``encode_prompt`` on the call's arguments ``a``: the prompt and negative embeddings and their
+    pooled embeddings, each repeated per image."""
+    return pipe.encode_prompt(
+        prompt=a["prompt"],
+        prompt_2=a["prompt_2"],
+        device=device,
+        num_images_per_prompt=a["num_images_per_prompt"],
+        do_classifier_free_guidance=pipe.do_classifier_free_guidance,
+        negative_prompt=a["negative_prompt"],
+        negative_prompt_2=a["negative_prompt_2"],
+        prompt_embeds=a["prompt_embeds"],
+        negative_prompt_embeds=a["negative_prompt_embeds"],
+        pooled_prompt_embeds=a["pooled_prompt_embeds"],
+        negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+        lora_scale=None,
+        clip_skip=pipe.clip_skip,
+    )
+
+
+def projection_dim_of(pipe: Any, pooled_prompt_embeds: torch.Tensor) -> int:
+    """The pooled text embeddings' width as ``_get_add_time_ids`` checks it against the UNet's added embedding."""
+    if pipe.text_encoder_2 is None:
+        return int(pooled_prompt_embeds.shape[-1])
+    return pipe.text_encoder_2.config.projection_dim
+
+
+def denoising_fraction_valid(value: object) -> bool:
+    """diffusers' test of ``denoising_start``/``denoising_end``: only a float strictly inside (0, 1) cuts the
+    schedule (an int 1, or 1.0, leaves it whole)."""
+    return isinstance(value, float) and 0 < value < 1
+
+
+def discrete_timestep_cutoff(pipe: Any, fraction: float) -> int:
+    """The training timestep at which a ``denoising_start``/``denoising_end`` fraction of the schedule lies."""
+    num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+    return int(round(num_train_timesteps - (fraction * num_train_timesteps)))
+
+
+def timesteps_before_denoising_end(pipe: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """``timesteps`` cut at the call's ``denoising_end``, as diffusers' SDXL pipelines cut them."""
+    if not denoising_fraction_valid(pipe.denoising_end):
+        return timesteps
+    cutoff = discrete_timestep_cutoff(pipe, pipe.denoising_end)
+    return timesteps[: len(list(filter(lambda ts: ts >= cutoff, timesteps)))]
+
+
+def finish_stable_diffusion_xl(
+    pipe: Any, latents: torch.Tensor, output_type: str, return_dict: bool, watermark_latents: bool = False
+) -> StableDiffusionXLPipelineOutput | tuple:
+    """diffusers' SDXL post-processing: VAE upcast where needed, latent denormalisation, decode, watermark.
+    ``watermark_latents``: the watermarker also sees ``output_type="latent"`` outputs (SDXL img2img's order)."""
+    if output_type != "latent":
+        # make sure the VAE is in float32 mode, as it overflows in float16
+        needs_upcasting = pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
+        if needs_upcasting:
+            pipe.upcast_vae()
+            latents = latents.to(next(iter(pipe.vae.post_quant_conv.parameters())).dtype)
+        elif latents.dtype != pipe.vae.dtype and torch.backends.mps.is_available():
+            pipe.vae = pipe.vae.to(latents.dtype)
+        has_latents_mean = getattr(pipe.vae.config, "latents_mean", None) is not None
+        has_latents_std = getattr(pipe.vae.config, "latents_std", None) is not None
+        if has_latents_mean and has_latents_std:
+            latents_mean = (
+                torch.tensor(pipe.vae.config.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            )
+            latents_std = torch.tensor(pipe.vae.config.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * latents_std / pipe.vae.config.scaling_factor + latents_mean
         else:
-            image = latents
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return StableDiffusionXLPipelineOutput(images=image)
+            latents = latents / pipe.vae.config.scaling_factor
+        vae_device = compat.module_execution_device(pipe.vae)
+        if vae_device is not None:
+            latents = latents.to(vae_device)
+        image = pipe.vae.decode(latents, return_dict=False)[0]
+        if needs_upcasting:
+            pipe.vae.to(dtype=torch.float16)
+        if pipe.watermark is not None:
+            image = pipe.watermark.apply_watermark(image)
+        image = pipe.image_processor.postprocess(image, output_type=output_type)
+    else:
+        image = latents
+        if watermark_latents and pipe.watermark is not None:
+            image = pipe.watermark.apply_watermark(image)
+    pipe.maybe_free_model_hooks()
+    if not return_dict:
+        return (image,)
+    return StableDiffusionXLPipelineOutput(images=image)

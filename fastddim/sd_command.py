@@ -5,7 +5,8 @@
 what a text-conditioned model needs: its options (``--prompt``, ``--negative-prompt``, ``--guidance-scale``,
 ``--height``/``--width``, ``--init-image``/``--strength``), checked before sampling; loading the folder as
 `fastddim.StableDiffusionPipeline`, `fastddim.StableDiffusionXLPipeline` or, for an SDXL refiner folder (which needs
-``--init-image``), `fastddim.StableDiffusionXLImg2ImgPipeline`, with every weight accounted for; and
+``--init-image``), `fastddim.StableDiffusionXLImg2ImgPipeline`, with every weight accounted for (with ``--init-image``
+a text-to-image folder runs its family's image-to-image pipeline on the same modules); and
 `PromptedSampler`, which draws a batch of seeds as `fastddim.DDIMPipeline` does.
 
 Seeds: image ``s`` comes from ``torch.Generator("cpu").manual_seed(s)`` alone, the generator of a direct pipeline
@@ -135,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser, image_to_image: bool = True) 
     group.add_argument(
         "--init-image",
         metavar="PATH",
-        help="image-to-image from this picture (SD and SDXL refiner folders; resized to --height/--width when given)"
+        help="image-to-image from this picture (resized to --height/--width when given)"
         if image_to_image
         else argparse.SUPPRESS,
     )
@@ -239,10 +240,16 @@ def load_if_prompted(
             f"{latent_channels} latent channels (an inpainting or depth model?); {program} runs text-to-image "
             + ("and image-to-image UNets" if program == "fastddim sample" else "UNets")
         )
-    if init_image is not None and kind == "sd":
-        from fastddim import StableDiffusionImg2ImgPipeline
+    if init_image is not None:
+        import fastddim
 
-        pipe = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+        if not isinstance(pipe, fastddim.StableDiffusionXLImg2ImgPipeline):
+            # A text-to-image folder's modules, shared, in its family's image-to-image pipeline (diffusers' from_pipe).
+            image_to_image = {
+                "sd": fastddim.StableDiffusionImg2ImgPipeline,
+                "sdxl": fastddim.StableDiffusionXLImg2ImgPipeline,
+            }
+            pipe = image_to_image[kind].from_pipe(pipe)
     sampler = PromptedSampler(pipe, kind, options, init_image, folder, variants, original_scheduler)
     if original_scheduler is not None and rank == 0:
         sampler.note = (
@@ -269,11 +276,6 @@ def _check_options(args: argparse.Namespace, kind: str) -> dict:
     image_to_image_only = IMAGE_TO_IMAGE_PIPELINES.get(index.get("_class_name"))
     if image_to_image_only is not None and args.init_image is None:
         raise UsageError(f"--init-image: --model {args.model} is {image_to_image_only}; pass --init-image PATH")
-    if args.init_image is not None and kind == "sdxl" and image_to_image_only is None:
-        raise UsageError(
-            f"--init-image: --model {args.model} is an SDXL text-to-image folder; fastddim sample runs "
-            "image-to-image on Stable Diffusion 1.x/2.x and SDXL image-to-image (refiner) folders"
-        )
     strength = None if args.init_image is None else (0.8 if args.strength is None else args.strength)
     # diffusers' get_timesteps reruns int(steps * strength) steps; with none, the noised init image would come back.
     if strength is not None and int(args.steps * strength) < 1:

@@ -162,3 +162,19 @@ def test_help_says_eta_0_and_lists_the_text_options_but_not_image_to_image(capsy
     for flag in ("--prompt", "--negative-prompt", "--guidance-scale", "--height", "--width"):
         assert flag in text
     assert "--init-image" not in text and "--strength" not in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_cuda_graph_strip_equals_eager_strip(kind, folders, tmp_path, capsys):
+    """On CUDA the strip's frames come from the captured loop; the eager loop runs the same kernels."""
+    _, options, _, _ = CASES[kind]
+    common = ["--model", str(folders[kind]), "--prompt", PROMPT, *options, "--device", "cuda", "--dtype", "float32"]
+    common += ["--seeds", *map(str, SEEDS), "--frames", "3"]
+    status, _, err = run(capsys, "interpolate", *common, "--out", str(tmp_path / "graph.png"))
+    assert status == 0, err
+    status, _, err = run(capsys, "interpolate", *common, "--no-cuda-graph", "--out", str(tmp_path / "eager.png"))
+    assert status == 0, err
+    graphed, eager = (np.asarray(Image.open(tmp_path / name)) for name in ("graph.png", "eager.png"))
+    assert graphed.std() > 0
+    np.testing.assert_array_equal(graphed, eager)

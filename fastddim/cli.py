@@ -99,6 +99,18 @@ def _add_variant_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and how the sampling loop runs: the options ``sample`` and ``interpolate`` share."""
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, help="UNet dtype (default: float32 on cpu, float16 on cuda)")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="run the loop eagerly on CUDA")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="CPU threads for torch (default: 1 for small images such as the digits, else torch's default)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Builds the ``fastddim`` argument parser (``bench`` options are added by `fastddim.benchmark` on dispatch)."""
     parser = _ArgumentParser(prog="fastddim", description="Triton-fused, CUDA-graph-captured DDIM sampling.")
@@ -144,14 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"images per pipeline call (default: the seeds of this process, at most {DEFAULT_BATCH_SIZE}); "
         "never changes an image beyond the UNet's batch-size rounding",
     )
-    sample.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    sample.add_argument("--dtype", choices=DTYPES, help="UNet dtype (default: float32 on cpu, float16 on cuda)")
-    sample.add_argument("--no-cuda-graph", action="store_true", help="run the loop eagerly on CUDA")
-    sample.add_argument(
-        "--threads",
-        type=_positive_int,
-        help="CPU threads for torch (default: 1 for small images such as the digits, else torch's default)",
-    )
+    _add_runtime_arguments(sample)
     sample.add_argument(
         "--scale",
         type=_positive_int,
@@ -204,14 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_variant_argument(interpolate)
     interpolate.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
-    interpolate.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    interpolate.add_argument("--dtype", choices=DTYPES, help="UNet dtype (default: float32 on cpu, float16 on cuda)")
-    interpolate.add_argument("--no-cuda-graph", action="store_true", help="run the loop eagerly on CUDA")
-    interpolate.add_argument(
-        "--threads",
-        type=_positive_int,
-        help="CPU threads for torch (default: 1 for small images such as the digits, else torch's default)",
-    )
+    _add_runtime_arguments(interpolate)
     interpolate.add_argument(
         "--scale",
         type=_positive_int,

@@ -7,6 +7,7 @@ decorates a function, so it must be set here, before any test module imports ``f
 import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -81,6 +82,17 @@ def stand_in_graphs(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     monkeypatch.setattr(fastddim.graphs, "capture_graph", capture_graph)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     return captures
+
+
+@pytest.fixture
+def exact_float32_math() -> Iterator[None]:
+    """fp32 convolutions and matmuls without TF32, which would put ~1e-3 differences between otherwise identical fp32
+    runs on a GPU; the previous settings come back after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture(params=["torch", "triton"])

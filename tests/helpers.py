@@ -1,9 +1,11 @@
 """Small shared test fixtures' building blocks (importable as ``tests.helpers``)."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import diffusers
@@ -40,6 +42,18 @@ TINY_UNET_CONFIG = dict(
     down_block_types=("DownBlock2D", "AttnDownBlock2D"),
     up_block_types=("AttnUpBlock2D", "UpBlock2D"),
 )
+
+
+@contextlib.contextmanager
+def host_syncs_forbidden() -> Iterator[None]:
+    """Any host-device synchronization inside raises (``torch.cuda.set_sync_debug_mode("error")``): what a CUDA-graph
+    capture and a sync-free eager loop need. The previous mode comes back after."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def make_unet(unet_class: type = diffusers.UNet2DModel, **overrides) -> diffusers.UNet2DModel:

@@ -14,7 +14,7 @@ import torch
 import fastddim
 from fastddim.models import default_model_dir
 from fastddim.train_digits import load_digits_tensor
-from tests.helpers import make_unet
+from tests.helpers import host_syncs_forbidden, make_unet
 
 
 @pytest.fixture(scope="module")
@@ -166,11 +166,8 @@ def test_gpu_captured_inversion_equals_eager_and_never_syncs(dtype):
     eager = pipe.invert(images, num_inference_steps=10, cuda_graph=False)
     graphed = pipe.invert(images, num_inference_steps=10)
     assert torch.equal(graphed, eager)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_syncs_forbidden():
         # CUDA images in, CUDA latents out: input conversion, replay and output copy stay on the device.
         again = pipe.invert(images, num_inference_steps=10)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(again, eager)
     assert pipe.cuda_graph_cache_info().hits >= 1

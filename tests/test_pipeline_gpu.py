@@ -13,21 +13,11 @@ import pytest
 import torch
 
 import fastddim
-from tests.helpers import make_unet
+from tests.helpers import host_syncs_forbidden, make_unet
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_float32_math")]
 
 STEPS = 10
-
-
-@pytest.fixture(autouse=True)
-def exact_float32_math():
-    # TF32 convolutions/matmuls would put ~1e-3 differences between otherwise identical fp32 runs.
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def make_cuda_unet(unet_class=diffusers.UNet2DModel, dtype=torch.float32):
@@ -233,12 +223,8 @@ def test_replay_never_syncs_with_the_host(unet, eta):
     kwargs = dict(batch_size=2, eta=eta, num_inference_steps=STEPS, output_type="pt")
     pipe(**kwargs)  # captures
     torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_syncs_forbidden():
         images = pipe(**kwargs).images
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
     assert pipe.cuda_graph_cache_info().hits == 1
     assert torch.isfinite(images).all()
 

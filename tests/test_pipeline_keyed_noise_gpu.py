@@ -9,24 +9,14 @@ from diffusers import UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 import fastddim
-from tests.helpers import make_unet
+from tests.helpers import host_syncs_forbidden, make_unet
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_float32_math")]
 
 STEPS = 10
 SEEDS = list(range(1000, 1064))
 # Seed SEEDS[3] sits at position 3 of the batch of 7 and of 64, and alone in the batch of 1.
 BATCHES = {1: [SEEDS[3]], 7: SEEDS[:7], 64: SEEDS}
-
-
-@pytest.fixture(autouse=True)
-def exact_float32_math():
-    # TF32 convolutions would put ~1e-3 differences between batch sizes, far above fp32's batch-size rounding.
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class ElementwiseUNet(UNet2DModel):
@@ -86,13 +76,9 @@ def test_new_seeds_replay_the_same_graph_without_a_host_sync():
     kwargs = dict(latents=latents, eta=1.0, num_inference_steps=STEPS, output_type="pt")
     first = pipe(seeds=[0, 1, 2, 3], **kwargs).images  # captures
     torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_syncs_forbidden():
         other = pipe(seeds=[4, 5, 6, 7], **kwargs).images
         again = pipe(seeds=[0, 1, 2, 3], **kwargs).images
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
     info = pipe.cuda_graph_cache_info()
     assert (info.misses, info.hits) == (1, 2)
     assert torch.equal(again, first)

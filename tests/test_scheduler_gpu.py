@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler as DiffusersDDIMScheduler
 
 from fastddim import DDIMScheduler
+from tests.helpers import host_syncs_forbidden
 from tests.test_scheduler import assert_matches_diffusers, dummy_model
 
 pytestmark = pytest.mark.gpu
@@ -118,12 +119,9 @@ def test_step_never_synchronizes(config_name, eta):
     sample = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.float16)
     scheduler.step(sample, scheduler.timesteps[0], sample, eta=eta)  # warm-up: JIT and tables
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_syncs_forbidden():
         for t in scheduler.timesteps:
             sample = scheduler.step(sample * 0.5, t, sample, eta=eta).prev_sample
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(sample).all()
 
 

@@ -17,7 +17,7 @@ import torch
 from diffusers import DDIMScheduler as DiffusersDDIMScheduler
 
 from fastddim import DDIMScheduler, reference, schedules
-from tests.helpers import BACKEND_DEVICES
+from tests.helpers import BACKEND_DEVICES, host_syncs_forbidden
 
 pytestmark = pytest.mark.interpreter
 
@@ -219,11 +219,8 @@ def test_schedule_following_loop_is_sync_free_and_capturable():
         return x
 
     eager = loop(start)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_syncs_forbidden():
         loop(start)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     static = start.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -14,24 +14,16 @@ import pytest
 import torch
 
 import fastddim
+from tests.helpers import host_syncs_forbidden
 
 # The pipelines' text encoders and tokenizers come from transformers (not a fastddim dependency).
 pytest.importorskip("transformers")
 from tests.sd_components import ddim_scheduler, sd_components, sdxl_components, sdxl_refiner_components  # noqa: E402
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_float32_math")]
 
 STEPS = 10
 PROMPT = "a photo of a cat"
-
-
-@pytest.fixture(autouse=True)
-def exact_float32_math():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def on_cuda(pipe, dtype=torch.float32):
@@ -228,12 +220,8 @@ def test_call_never_syncs_with_the_host(sd, eta):
     )
     pipe(**kwargs)  # captures
     torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_syncs_forbidden():
         latents = pipe(**kwargs).images
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
     assert pipe.cuda_graph_cache_info().hits == 1
     assert torch.isfinite(latents).all()
 

@@ -202,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     interpolate.add_argument("--frames", type=_positive_int, default=9, help="frames, both ends included (default: 9)")
     interpolate.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        help="frames per pipeline call, to bound memory (default: all frames in one call); never changes a frame "
+        "beyond the UNet's batch-size rounding",
+    )
+    interpolate.add_argument(
         "--model",
         metavar="DIR",
         help="as for sample: a diffusers pipeline or UNet2DModel folder, or a Stable Diffusion / SDXL folder (with "

@@ -6,8 +6,9 @@ as ``fastddim sample --seeds s`` draws it, so the strip's first and last frames 
 
 A Stable Diffusion / SDXL folder takes ``fastddim sample``'s text options (`fastddim.sd_command` checks them and
 loads the folder): the initial latents are interpolated and the prompt embeddings stay fixed, so every frame is the
-text-to-image pipeline called with ``latents=`` its interpolant. All frames sample in one pipeline call, as for the
-digits: one UNet batch of ``--frames`` images (twice that under classifier-free guidance).
+text-to-image pipeline called with ``latents=`` its interpolant. The frames sample in pipeline calls of
+``--batch-size`` frames (default: all in one call, a UNet batch of ``--frames`` images, twice that under
+classifier-free guidance).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pathlib
 import sys
 import time
 
+import numpy as np
 import torch
 
 from fastddim.cli import GRID_SCALE, MAX_GRID_PIXELS, UsageError, grid_size, make_grid
@@ -83,12 +85,18 @@ def run(args: argparse.Namespace) -> int:
     ]
     latents = slerp(ends[0], ends[1], torch.linspace(0, 1, args.frames, dtype=torch.float64))
     sampling_started = time.perf_counter()
-    images = pipe(
-        latents=latents,
-        num_inference_steps=args.steps,
-        output_type="np",
-        cuda_graph=False if args.no_cuda_graph else None,
-    ).images
+    batch_size = args.batch_size or args.frames
+    images = np.concatenate(
+        [
+            pipe(
+                latents=latents[start : start + batch_size],
+                num_inference_steps=args.steps,
+                output_type="np",
+                cuda_graph=False if args.no_cuda_graph else None,
+            ).images
+            for start in range(0, args.frames, batch_size)
+        ]
+    )
     sampling_seconds = time.perf_counter() - sampling_started
     strip = make_grid(images.astype("float32"), scale=scale, columns=args.frames)
     encoded = io.BytesIO()

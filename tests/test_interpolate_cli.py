@@ -37,6 +37,21 @@ def test_writes_one_strip_whose_ends_are_the_seeds_images(tmp_path, capsys):
     assert not list(tmp_path.glob("*.tmp*")) and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_batch_size_splits_the_frames_without_changing_them_beyond_rounding(tmp_path, capsys):
+    strips = {}
+    for batch_size in (None, 2, 3):
+        path = tmp_path / f"strip-{batch_size}.png"
+        extra = [] if batch_size is None else ["--batch-size", str(batch_size)]
+        status, _, err = run(
+            capsys, "--seeds", "3", "7", "--frames", "5", "--steps", STEPS, *extra, "--out", str(path)
+        )
+        assert status == 0, err
+        strips[batch_size] = np.asarray(PIL.Image.open(path)).astype(int)
+    for batch_size in (2, 3):
+        assert strips[batch_size].shape == strips[None].shape
+        assert np.abs(strips[batch_size] - strips[None]).max() <= 1
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -47,6 +62,7 @@ def test_writes_one_strip_whose_ends_are_the_seeds_images(tmp_path, capsys):
         (["--seeds", "1", "2", "--device", "cuda:9"], "--device"),
         (["--seeds", "1", "2", "--steps", "5000"], "--steps 5000"),
         (["--seeds", "1", "2", "--scale", "100000"], "--scale 100000"),
+        (["--seeds", "1", "2", "--batch-size", "0"], "--batch-size"),
     ],
 )
 def test_user_errors_are_one_line_before_sampling(tmp_path, capsys, monkeypatch, args, message):

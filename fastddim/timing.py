@@ -45,6 +45,7 @@ __all__ = [
     "summarize",
     "sync",
     "time_wall",
+    "timed_call",
 ]
 
 
@@ -57,6 +58,16 @@ def sync(device: torch.device) -> None:
     """Waits for the device (no-op on a CPU): host clocks around CUDA work need it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(seconds, result) of one call of ``fn``, host wall time between two synchronizes: a whole pipeline call as a
+    user waits for it."""
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - start, result
 
 
 def summarize(samples_us: Sequence[float]) -> dict[str, float | int]:

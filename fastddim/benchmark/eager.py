@@ -23,7 +23,6 @@ diffusers' time / fastddim's in the same round (``paired_speedup_p20`` / ``_p80`
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 from fastddim.benchmark.cases import DTYPE_NAMES, LoopCase, Plan, SDCase
 from fastddim.benchmark.environment import free_memory
 from fastddim.benchmark.records import error_text, new_record
-from fastddim.timing import summarize, sync
+from fastddim.timing import summarize, timed_call
 
 # The two implementations of every case, in table order.
 EAGER_IMPLS = ("diffusers", "fastddim-eager")
@@ -116,11 +115,7 @@ def run_eager_case(case: LoopCase | SDCase, device: torch.device, plan: Plan) ->
         for round_index in range(plan.eager_rounds):
             order = EAGER_IMPLS if round_index % 2 == 0 else EAGER_IMPLS[::-1]
             for impl in order:
-                sync(device)
-                start = time.perf_counter()
-                calls[impl]()
-                sync(device)
-                samples[impl].append((time.perf_counter() - start) * 1e6)
+                samples[impl].append(timed_call(calls[impl], device)[0] * 1e6)
         for impl, record in records.items():
             record.update(summarize(samples[impl]))
             record["shape"] = shape

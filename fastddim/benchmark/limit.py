@@ -10,15 +10,46 @@ overhead. On a CPU there is no device clock: the limit is host wall time of back
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from fastddim.benchmark.cases import Plan
+from fastddim.benchmark.cases import Implementation, Plan
 from fastddim.timing import capture_graph, summarize, sync, time_wall
 
 LIMIT_IMPL = "unet-limit"
+
+
+def loop_implementations(
+    diffusers_loop: Callable[..., Any], fastddim_loop: Callable[..., Any]
+) -> dict[str, Implementation]:
+    """The whole-loop implementations by name, in table order, from a benchmark's two builders: diffusers' pipeline
+    (``compile_mode``: its UNet under ``torch.compile``) and fastddim's (``cuda_graph``, ``compile_unet``); and the
+    physical limit, measured by the benchmark itself."""
+    return {
+        impl.name: impl
+        for impl in (
+            Implementation("diffusers", diffusers_loop),
+            Implementation(
+                "compile-reduce-overhead",
+                functools.partial(diffusers_loop, compile_mode="reduce-overhead"),
+                compiles=True,
+            ),
+            Implementation("fastddim-eager", functools.partial(fastddim_loop, cuda_graph=False)),
+            Implementation("fastddim-graph", functools.partial(fastddim_loop, cuda_graph=True), cuda_graph=True),
+            Implementation(
+                "fastddim-graph-compiled",
+                functools.partial(fastddim_loop, cuda_graph=True, compile_unet=True),
+                cuda_graph=True,
+                compiles=True,
+            ),
+            Implementation(LIMIT_IMPL, lambda *args: None, limit=True),
+        )
+    }
+
+
 LIMIT_METHOD_CUDA = (
     "N x device time of one UNet call: CUDA events around back-to-back replays of a CUDA graph holding that call "
     "alone (median over rounds)"

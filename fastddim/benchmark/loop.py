@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -28,10 +27,10 @@ import torch
 from fastddim import compat
 from fastddim.benchmark.cases import DTYPE_NAMES, Implementation, LoopCase, Plan, StepCase
 from fastddim.benchmark.environment import free_memory
-from fastddim.benchmark.limit import LIMIT_IMPL, fill_limit_record, fill_vs_limit, unet_call_us
+from fastddim.benchmark.limit import LIMIT_IMPL, fill_limit_record, fill_vs_limit, loop_implementations, unet_call_us
 from fastddim.benchmark.records import error_text, new_record
 from fastddim.benchmark.step import diffusers_scheduler, fastddim_step_fn, make_step_inputs
-from fastddim.timing import capture_graph, graph_unroll, summarize, sync, time_wall
+from fastddim.timing import capture_graph, graph_unroll, summarize, time_wall, timed_call
 from fastddim.utils import BoundedCache
 
 # google/ddpm-cifar10-32's unet/config.json. Several values differ from UNet2DModel's defaults (freq_shift,
@@ -170,26 +169,7 @@ def _fastddim_loop(
     )
 
 
-LOOP_IMPLEMENTATIONS: dict[str, Implementation] = {
-    impl.name: impl
-    for impl in (
-        Implementation("diffusers", _diffusers_loop),
-        Implementation(
-            "compile-reduce-overhead",
-            functools.partial(_diffusers_loop, compile_mode="reduce-overhead"),
-            compiles=True,
-        ),
-        Implementation("fastddim-eager", functools.partial(_fastddim_loop, cuda_graph=False)),
-        Implementation("fastddim-graph", functools.partial(_fastddim_loop, cuda_graph=True), cuda_graph=True),
-        Implementation(
-            "fastddim-graph-compiled",
-            functools.partial(_fastddim_loop, cuda_graph=True, compile_unet=True),
-            cuda_graph=True,
-            compiles=True,
-        ),
-        Implementation(LIMIT_IMPL, lambda *args: None, limit=True),
-    )
-}
+LOOP_IMPLEMENTATIONS: dict[str, Implementation] = loop_implementations(_diffusers_loop, _fastddim_loop)
 """Loop implementations by name, in table order; each builds ``(batch_size, steps) -> images`` from a UNet."""
 
 
@@ -257,7 +237,7 @@ def run_loop_impl(case: LoopCase, impl: str, device: torch.device, plan: Plan) -
         num_inference_steps=steps,
         config={"eta": 0.0, "thresholding": case.thresholding, "generator": None},
     )
-    pipe = None
+    pipe = call = None
     try:
         base_unet, scheduler_config, weights = load_unet(case.model)
         if case.thresholding:
@@ -282,21 +262,11 @@ def run_loop_impl(case: LoopCase, impl: str, device: torch.device, plan: Plan) -
         with warnings.catch_warnings(record=True) as caught:
             # fastddim.DDIMPipeline warns and runs eagerly when a capture fails: that must not pass as a graph figure.
             warnings.simplefilter("always", RuntimeWarning)
-            sync(device)
-            start = time.perf_counter()
-            pipe(case.batch_size, steps)
-            sync(device)
-            first_s = time.perf_counter() - start
-            warmup = plan.loop_warmup + (1 if implementation.compiles else 0)
-            for _ in range(warmup):
-                pipe(case.batch_size, steps)
-            samples = []
-            for _ in range(plan.loop_rounds):
-                sync(device)
-                start = time.perf_counter()
-                pipe(case.batch_size, steps)
-                sync(device)
-                samples.append((time.perf_counter() - start) * 1e6)
+            call = functools.partial(pipe, case.batch_size, steps)
+            first_s, _ = timed_call(call, device)
+            for _ in range(plan.loop_warmup + (1 if implementation.compiles else 0)):
+                call()
+            samples = [timed_call(call, device)[0] * 1e6 for _ in range(plan.loop_rounds)]
         fallbacks = [str(w.message) for w in caught if "eager" in str(w.message)]
         if implementation.cuda_graph:
             record["check"] = {"passed": not fallbacks, "method": "no eager fallback warning"}
@@ -327,7 +297,7 @@ def run_loop_impl(case: LoopCase, impl: str, device: torch.device, plan: Plan) -
     except Exception as exc:  # (one failing implementation must not end the run)
         record["error"] = error_text(exc)
     finally:
-        del pipe
+        pipe = call = None
         free_memory(device)
     return record
 

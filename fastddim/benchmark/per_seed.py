@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import time
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ from fastddim.benchmark.cases import DTYPE_NAMES, Implementation, Plan, SeedsCas
 from fastddim.benchmark.environment import free_memory
 from fastddim.benchmark.loop import SkipCase, fastddim_pipeline_class, load_unet, sample_shape
 from fastddim.benchmark.records import error_text, new_record
-from fastddim.timing import summarize, sync
+from fastddim.timing import summarize, timed_call
 
 
 def _seeds_kwargs(seeds: list[int], device: torch.device) -> dict[str, Any]:
@@ -107,11 +106,10 @@ def run_seeds_case(case: SeedsCase, modes: tuple[str, ...], device: torch.device
 
         def call(mode: str, seeds: list[int]) -> float:
             kwargs = SEEDS_MODES[mode].build(seeds, device)
-            sync(device)
-            start = time.perf_counter()
-            pipe(num_inference_steps=case.num_inference_steps, eta=case.eta, output_type="pt", **kwargs)
-            sync(device)
-            return time.perf_counter() - start
+            return timed_call(
+                lambda: pipe(num_inference_steps=case.num_inference_steps, eta=case.eta, output_type="pt", **kwargs),
+                device,
+            )[0]
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -25,9 +25,7 @@ embeddings, same initial latents, eta 0): relative L2 error ``||x - x_ref|| / ||
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -37,9 +35,9 @@ import torch
 from fastddim import compat
 from fastddim.benchmark.cases import DTYPE_NAMES, Implementation, Plan, SDCase
 from fastddim.benchmark.environment import free_memory
-from fastddim.benchmark.limit import LIMIT_IMPL, fill_limit_record, fill_vs_limit, unet_call_us
+from fastddim.benchmark.limit import LIMIT_IMPL, fill_limit_record, fill_vs_limit, loop_implementations, unet_call_us
 from fastddim.benchmark.records import error_text, new_record
-from fastddim.timing import summarize, sync
+from fastddim.timing import summarize, timed_call
 from fastddim.utils import BoundedCache
 
 # runwayml/stable-diffusion-v1-5's unet/config.json, the values that fix the architecture (the rest are
@@ -247,24 +245,7 @@ def _fastddim_sd(family: str, unet: Any, *, cuda_graph: bool, compile_unet: bool
     return lambda arguments: pipe(**arguments, cuda_graph=cuda_graph).images
 
 
-SD_IMPLEMENTATIONS: dict[str, Implementation] = {
-    impl.name: impl
-    for impl in (
-        Implementation("diffusers", _diffusers_sd),
-        Implementation(
-            "compile-reduce-overhead", functools.partial(_diffusers_sd, compile_mode="reduce-overhead"), compiles=True
-        ),
-        Implementation("fastddim-eager", functools.partial(_fastddim_sd, cuda_graph=False)),
-        Implementation("fastddim-graph", functools.partial(_fastddim_sd, cuda_graph=True), cuda_graph=True),
-        Implementation(
-            "fastddim-graph-compiled",
-            functools.partial(_fastddim_sd, cuda_graph=True, compile_unet=True),
-            cuda_graph=True,
-            compiles=True,
-        ),
-        Implementation(LIMIT_IMPL, lambda *args: None, limit=True),
-    )
-}
+SD_IMPLEMENTATIONS: dict[str, Implementation] = loop_implementations(_diffusers_sd, _fastddim_sd)
 """Text-to-image implementations by name, in table order; each builds ``(family, unet) -> (call arguments ->
 latents)``."""
 
@@ -397,7 +378,7 @@ def _time_sd_loop(
     with warnings.catch_warnings(record=True) as caught:
         # fastddim's pipelines warn and run eagerly when a capture fails: that must not pass as a graph figure.
         warnings.simplefilter("always", RuntimeWarning)
-        first_s, latents = _timed_call(loop, arguments, device)
+        first_s, latents = timed_call(lambda: loop(arguments), device)
         if reference is not None:
             record["check"] = check_latents(latents, reference, arguments["latents"].dtype)
         # A captured loop's output is a static buffer that the next replay overwrites.
@@ -405,7 +386,7 @@ def _time_sd_loop(
         del latents
         for _ in range(plan.sd_warmup + (1 if implementation.compiles else 0)):
             loop(arguments)
-        samples = [_timed_call(loop, arguments, device)[0] * 1e6 for _ in range(plan.sd_rounds)]
+        samples = [timed_call(lambda: loop(arguments), device)[0] * 1e6 for _ in range(plan.sd_rounds)]
     fallbacks = [str(w.message) for w in caught if "eager" in str(w.message)]
     if implementation.cuda_graph and fallbacks:
         record["check"] = {**(record["check"] or {}), "passed": False, "detail": f"fell back to eager: {fallbacks[0]}"}
@@ -423,14 +404,6 @@ def _time_sd_loop(
     if device.type == "cuda":
         record["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return first_latents
-
-
-def _timed_call(loop: SDLoopFn, arguments: dict[str, Any], device: torch.device) -> tuple[float, torch.Tensor]:
-    sync(device)
-    start = time.perf_counter()
-    latents = loop(arguments)
-    sync(device)
-    return time.perf_counter() - start, latents
 
 
 def _case_key(record: dict) -> tuple:

@@ -117,6 +117,10 @@ class CapturedLoop:
     fingerprint: tuple
     # The graph holds raw pointers into these: keeping them referenced keeps that memory from being reused.
     keep_alive: tuple = field(default=())
+    # The stream current at capture, which the static buffers were allocated on (None off CUDA), and the other
+    # streams this loop has been replayed on.
+    home_stream: Any = None
+    replay_streams: set = field(default_factory=set)
 
     def replay(self, inputs: Mapping[str, torch.Tensor | float], step_inputs: Mapping[str, StepInput]) -> torch.Tensor:
         """Copies this call's inputs into the static buffers, replays, and returns a copy of the output.
@@ -130,6 +134,7 @@ class CapturedLoop:
         """
         num_steps = len(self.buffers.timesteps)
         with torch.cuda.device(self.device):
+            self._note_replay_stream()
             for name, value in inputs.items():
                 buffer = self.buffers.inputs[name]
                 if isinstance(value, torch.Tensor):
@@ -140,9 +145,35 @@ class CapturedLoop:
             for name, spec in step_inputs.items():
                 slots = self.step_slots[name]
                 numel = math.prod(spec.shape)
-                slots[:, :numel].copy_(spec.draw(num_steps).reshape(num_steps, numel))
+                values = spec.draw(num_steps).reshape(num_steps, numel)
+                if values.device.type == "cpu" and self.device.type == "cuda":
+                    # Noises from CPU generators: from pinned memory the copy does not wait for the stream's earlier
+                    # work (a pageable copy would, making back-to-back calls wait on each other).
+                    values = values.pin_memory()
+                slots[:, :numel].copy_(values, non_blocking=True)
             self.graph.replay()
             return self.output.clone()
+
+    def _note_replay_stream(self) -> None:
+        """Tells the allocator when the static buffers are used on a stream other than the one they came from.
+
+        Once this loop is dropped (evicted, cleared, made stale) the allocator hands its buffers out again on their
+        home stream, in that stream's order: without ``record_stream`` it would not wait for a replay still running
+        on a user's stream (``with torch.cuda.stream(s): pipe(...)``). Recorded once per stream, checked at free time.
+        """
+        if self.home_stream is None:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        if stream == self.home_stream or stream in self.replay_streams:
+            return
+        self.replay_streams.add(stream)
+        for tensor in self._static_tensors():
+            tensor.record_stream(stream)
+
+    def _static_tensors(self) -> list[torch.Tensor]:
+        """The regular-allocator tensors the graph reads (its own activations live in its private pool); a view
+        stands for its whole allocation."""
+        return [*self.buffers.inputs.values(), *self.step_slots.values(), *self.buffers.timesteps[:1]]
 
 
 class CapturedLoopCache:
@@ -441,6 +472,7 @@ def _capture_loop(
     """Allocates the static buffers (filled with this call's tensor inputs) and captures the body over them."""
     num_steps = len(host_timesteps)
     with torch.cuda.device(device):
+        home_stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         # Static buffers are written in place by every later replay, which may run outside inference mode, where an
         # inference tensor cannot be written: they are normal tensors even when this call runs under inference_mode.
         with torch.inference_mode(False):
@@ -470,6 +502,7 @@ def _capture_loop(
         module_ids=module_ids,
         fingerprint=fingerprint,
         keep_alive=(timestep_slots, *keep_alive),
+        home_stream=home_stream,
     )
 
 

@@ -358,3 +358,33 @@ def test_a_capture_that_never_ended_gives_its_pool_back(monkeypatch, outcome):
         assert len(streams) == 1, "every capture on a device warms up and captures on one stream"
     else:
         assert graphs._capture_streams == {}, "a failed capture's stream is not reused"
+
+
+def test_replays_on_other_streams_are_recorded_on_the_static_buffers_once(stand_in_graphs, module, monkeypatch):
+    # CPU tensors stand for the static buffers and strings for streams: what is checked is which tensors are
+    # recorded on which stream, and how often.
+    cache = CapturedLoopCache()
+    noise = {"noise": StepInput((3,), torch.float32, lambda n: torch.zeros(n, 3))}
+    loop = lookup(cache, torch.ones(3), module=module, step_inputs=noise)
+    loop.home_stream = "home"
+    current = ["home"]
+    recorded = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: recorded.append((tensor, stream)))
+    inputs = {"x": torch.ones(3), "scale": 2.0}
+
+    loop.replay(inputs, noise)
+    assert recorded == []
+    for stream in ("user", "user", "other", "home", "other"):
+        current[0] = stream
+        torch.testing.assert_close(loop.replay(inputs, noise), expected(torch.ones(3), 2.0))
+    static = [loop.buffers.inputs["x"], loop.buffers.inputs["scale"], loop.step_slots["noise"]]
+    for stream in ("user", "other"):
+        tensors = [tensor for tensor, recorded_on in recorded if recorded_on == stream]
+        assert len(tensors) == 4, f"{stream}: each static allocation once"
+        assert all(any(tensor is buffer for tensor in tensors) for buffer in static)
+        assert any(
+            tensor.untyped_storage().data_ptr() == loop.buffers.timesteps[0].untyped_storage().data_ptr()
+            for tensor in tensors
+        )
+    assert {stream for _, stream in recorded} == {"user", "other"}

@@ -1,9 +1,10 @@
 """Weight variants (``--variant``): which a model folder holds, which one each component loads, which files it reads.
 
 diffusers and transformers name a variant's weights ``<stem>.<variant>.<format>`` (``diffusion_pytorch_model.fp16
-.safetensors``, ``model.fp16-00001-of-00002.safetensors``, index ``model.safetensors.index.fp16.json``). As diffusers'
-pipelines do, a component loads the asked variant where it has one and its plain weights otherwise; a component with
-neither, or a variant no component has, is a one-line error here rather than a loader's multi-line one.
+.safetensors``, ``model.fp16-00001-of-00002.safetensors``, index ``model.safetensors.index.fp16.json``; the older
+sharded naming ``model-00001-of-00002.fp16.safetensors`` with index ``model.safetensors.fp16.index.json`` too). As
+diffusers' pipelines do, a component loads the asked variant where it has one and its plain weights otherwise; a
+component with neither, or a variant no component has, is a one-line error here rather than a loader's multi-line one.
 """
 
 from __future__ import annotations
@@ -18,14 +19,22 @@ __all__ = ["component_variants", "loaded_files_sha256", "variants_in"]
 
 _STEMS = "diffusion_pytorch_model|pytorch_model|model"
 _FORMATS = "safetensors|bin"
-_WEIGHTS_FILE = re.compile(rf"(?:{_STEMS})(?:\.(?P<variant>[^.]+?))?(?:-\d{{5}}-of-\d{{5}})?\.(?P<format>{_FORMATS})")
-_INDEX_FILE = re.compile(rf"(?:{_STEMS})\.(?P<format>{_FORMATS})\.index(?:\.(?P<variant>[^.]+))?\.json")
+_SHARD = r"-\d{5}-of-\d{5}"
+_NAMES = (
+    re.compile(rf"(?:{_STEMS})(?:\.(?P<variant>[^.]+?))?(?:{_SHARD})?\.(?P<format>{_FORMATS})"),
+    re.compile(rf"(?:{_STEMS})\.(?P<format>{_FORMATS})\.index(?:\.(?P<variant>[^.]+))?\.json"),
+    # The sharded variant naming diffusers still loads with a deprecation warning.
+    re.compile(rf"(?:{_STEMS}){_SHARD}\.(?P<variant>[^.]+)\.(?P<format>{_FORMATS})"),
+    re.compile(rf"(?:{_STEMS})\.(?P<format>{_FORMATS})\.(?P<variant>[^.]+)\.index\.json"),
+)
 
 
 def _weights_file(path: pathlib.Path) -> tuple[str | None, str] | None:
     """(variant or None for plain weights, format) of a weights or shard-index file; None for any other file."""
-    match = _WEIGHTS_FILE.fullmatch(path.name) or _INDEX_FILE.fullmatch(path.name)
-    return None if match is None else (match["variant"], match["format"])
+    for pattern in _NAMES:
+        if match := pattern.fullmatch(path.name):
+            return match["variant"], match["format"]
+    return None
 
 
 def variants_in(folder: pathlib.Path) -> set[str | None]:

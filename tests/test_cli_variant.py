@@ -192,3 +192,37 @@ def test_variants_in_reads_diffusers_and_transformers_names(names, variants, tmp
     for name in names:
         (tmp_path / name).write_bytes(b"")
     assert variants_in(tmp_path) == variants
+
+
+def to_legacy_shard_names(folder) -> None:
+    """Renames a sharded variant save to the older naming diffusers still loads: shards ``<stem>-00001-of-00002
+    .fp16.safetensors``, index ``<stem>.safetensors.fp16.index.json``."""
+    index_path = folder / "diffusion_pytorch_model.safetensors.index.fp16.json"
+    index = json.loads(index_path.read_text())
+    renamed = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        stem, rest = shard.split(".fp16-")
+        renamed[shard] = f"{stem}-{rest.removesuffix('.safetensors')}.fp16.safetensors"
+        (folder / shard).rename(folder / renamed[shard])
+    index["weight_map"] = {key: renamed[shard] for key, shard in index["weight_map"].items()}
+    (folder / "diffusion_pytorch_model.safetensors.fp16.index.json").write_text(json.dumps(index))
+    index_path.unlink()
+
+
+def test_older_sharded_variant_naming_is_a_variant(tmp_path, capsys):
+    folder = tmp_path / "unet-legacy-shards"
+    make_unet().to(torch.float16).save_pretrained(folder, variant="fp16", max_shard_size="4KB")
+    to_legacy_shard_names(folder)
+    shards = sorted(path.name for path in folder.glob("*.fp16.safetensors"))
+    assert len(shards) > 1 and shards[0].startswith("diffusion_pytorch_model-00001-of-")
+    assert variants_in(folder) == {"fp16"}
+
+    status, err = sample(capsys, "unet", folder)
+    assert status == 2 and err == [f"error: --model {folder} has only 'fp16' variant weights: pass --variant fp16"]
+    out = tmp_path / "images.npz"
+    status, err = sample(
+        capsys, "unet", folder, "--variant", "fp16", "--seeds", "0-1", "--batch-size", "1", "--out", str(out)
+    )
+    assert status == 0, err
+    with np.load(out) as saved:
+        np.testing.assert_array_equal(cli.to_uint8(saved["images"]), diffusers_images("unet", folder, [0, 1]))

@@ -13,6 +13,7 @@ import hashlib
 import pathlib
 import re
 
+from fastddim import digest_cache
 from fastddim.cli import UsageError
 
 __all__ = ["component_variants", "loaded_files_sha256", "variants_in"]
@@ -90,18 +91,22 @@ def component_variants(
 def loaded_files_sha256(folder: pathlib.Path, variant: str | None = None) -> str:
     """A hash of the files a load of ``folder`` with ``variant`` reads (names and contents): its configs and other
     files, and of its weights only those of that variant, in the format the loaders prefer (safetensors over bin).
+    Remembered across runs while the files are unchanged (`fastddim.digest_cache`).
     """
     files = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
     weights = {path: parsed for path in files if (parsed := _weights_file(path))}
     chosen_formats = {fmt for found_variant, fmt in weights.values() if found_variant == variant}
     preferred = "safetensors" if "safetensors" in chosen_formats else "bin"
-    digest = hashlib.sha256()
-    for path in files:
-        if path in weights and weights[path] != (variant, preferred):
-            continue
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return digest.hexdigest()
+    read = [path for path in files if path not in weights or weights[path] == (variant, preferred)]
+
+    def compute() -> str:
+        digest = hashlib.sha256()
+        for path in read:
+            digest.update(path.name.encode() + b"\0")
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
+        return digest.hexdigest()
+
+    return digest_cache.remembered_digest(f"{folder.resolve()}\0{variant}", read, compute)

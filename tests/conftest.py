@@ -28,6 +28,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True, scope="session")
+def private_digest_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    # Model-file digests the CLI remembers (fastddim.digest_cache) go to a folder of this session, not the user's
+    # cache; subprocesses inherit it.
+    saved = os.environ.get("FASTDDIM_CACHE_DIR")
+    os.environ["FASTDDIM_CACHE_DIR"] = str(tmp_path_factory.mktemp("digest-cache"))
+    yield
+    if saved is None:
+        del os.environ["FASTDDIM_CACHE_DIR"]
+    else:
+        os.environ["FASTDDIM_CACHE_DIR"] = saved
+
+
+@pytest.fixture(autouse=True, scope="session")
 def single_cpu_thread():
     # Test tensors and models are tiny: intra-op threads buy nothing, and with pytest-xdist workers on a busy 2-core
     # runner OpenMP barriers made the pipeline tests ~30x slower.

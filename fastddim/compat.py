@@ -38,6 +38,7 @@ __all__ = [
     "cudagraph_skip_count",
     "current_raw_stream",
     "ddim_scheduler_output",
+    "dtype_keyword",
     "device_guard",
     "fast_path_enabled",
     "inductor_triton_launcher",
@@ -491,3 +492,12 @@ def clip_text_transformer(text_encoder: torch.nn.Module) -> torch.nn.Module:
     ``CLIPTextModel`` holds ``embeddings``/``encoder``/``final_layer_norm`` directly (``CLIPTextModelWithProjection``
     keeps ``text_model``)."""
     return getattr(text_encoder, "text_model", text_encoder)
+
+
+def dtype_keyword() -> str:
+    """The keyword of a diffusers pipeline's ``from_pretrained`` for the load dtype: ``dtype`` where diffusers
+    deprecates ``torch_dtype`` with a FutureWarning (0.42.1, which resolves the two in ``_resolve_dtype``);
+    ``torch_dtype``, the only one known, before (0.35.2)."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"

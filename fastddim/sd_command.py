@@ -33,6 +33,7 @@ import pathlib
 import sys
 from typing import TYPE_CHECKING, Any
 
+from fastddim import compat
 from fastddim.cli import UsageError
 from fastddim.utils import first_line
 from fastddim.weight_variants import component_variants, loaded_files_sha256
@@ -352,7 +353,7 @@ def _load(
             name: _load_component(folder, name, index, dtype, variants.get(name)) for name in WEIGHTED_COMPONENTS
         }
         components = {name: module for name, module in components.items() if module is not None}
-        pipe = pipeline_class.from_pretrained(folder, torch_dtype=dtype, variant=variant, **components)
+        pipe = pipeline_class.from_pretrained(folder, variant=variant, **{compat.dtype_keyword(): dtype}, **components)
     except UsageError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:

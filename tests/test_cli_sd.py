@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 
 import diffusers
 import numpy as np
@@ -147,6 +148,15 @@ def test_text2img_grid_and_folder_equal_diffusers(folders, tmp_path, capsys):
     settings = json.loads((tmp_path / "folder" / "settings.json").read_text())["settings"]
     assert settings["prompt"] == PROMPT and settings["negative_prompt"] == "blurry"
     assert settings["guidance_scale"] == 6.0 and (settings["height"], settings["width"]) == (16, 16)
+
+
+def test_loading_raises_no_deprecation_of_torch_dtype(folders, tmp_path, capsys):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, err = sample(capsys, "--model", str(folders["sd"]), "--prompt", PROMPT, "--steps", "1",
+                             "--out", str(tmp_path / "one.png"))  # fmt: skip
+    assert status == 0, err
+    assert not [str(w.message) for w in caught if "torch_dtype" in str(w.message)]
 
 
 def test_default_guidance_and_size_options(folders, tmp_path, capsys):

@@ -68,8 +68,9 @@ def _loop_calls(case: LoopCase, device: torch.device, steps: int) -> dict[str, E
             torch.manual_seed(0)
             images = builds[impl](case.batch_size, steps).images
             if isinstance(images, np.ndarray):
-                # Older diffusers' DDIMPipeline (0.35 among them) returns NHWC NumPy images for output_type "pt" too.
-                images = torch.from_numpy(images).permute(0, 3, 1, 2)
+                # Older diffusers' DDIMPipeline (0.35 among them) returns NHWC NumPy images for output_type "pt" too:
+                # back on the device, where fastddim's images are compared with them.
+                images = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
             return images
 
         return run

@@ -27,7 +27,7 @@
 # folder (`pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1`) carried:
 #
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD \
-#       && PYTHONUNBUFFERED=1 OUT=$OUT bash bench/tools/gpu_session.sh tests eager
+#       && PYTHONUNBUFFERED=1 OUT=$OUT bash bench/tools/gpu_session.sh bench-sd tests
 #
 # The interpreter is $PYTHON (default python3: on the lent machine a plain `python3` is the one that holds PyTorch, and
 # a `python` may be missing or another interpreter).

@@ -117,10 +117,9 @@ class CapturedLoop:
     fingerprint: tuple
     # The graph holds raw pointers into these: keeping them referenced keeps that memory from being reused.
     keep_alive: tuple = field(default=())
-    # The stream current at capture, which the static buffers were allocated on (None off CUDA), and the other
-    # streams this loop has been replayed on.
-    home_stream: Any = None
+    # The streams this loop has been replayed on, the last one included (CUDA only).
     replay_streams: set = field(default_factory=set)
+    last_stream: Any = None
 
     def replay(self, inputs: Mapping[str, torch.Tensor | float], step_inputs: Mapping[str, StepInput]) -> torch.Tensor:
         """Copies this call's inputs into the static buffers, replays, and returns a copy of the output.
@@ -134,7 +133,8 @@ class CapturedLoop:
         """
         num_steps = len(self.buffers.timesteps)
         with torch.cuda.device(self.device):
-            self._note_replay_stream()
+            if self.device.type == "cuda":
+                self._enter_stream(torch.cuda.current_stream(self.device))
             for name, value in inputs.items():
                 buffer = self.buffers.inputs[name]
                 if isinstance(value, torch.Tensor):
@@ -154,26 +154,36 @@ class CapturedLoop:
             self.graph.replay()
             return self.output.clone()
 
-    def _note_replay_stream(self) -> None:
-        """Tells the allocator when the static buffers are used on a stream other than the one they came from.
+    def _enter_stream(self, stream: Any) -> None:
+        """Orders this replay after the previous one and tells the allocator where the graph's memory is used, when
+        the caller's stream (``with torch.cuda.stream(s): pipe(...)``) is not the previous replay's.
 
-        Once this loop is dropped (evicted, cleared, made stale) the allocator hands its buffers out again on their
-        home stream, in that stream's order: without ``record_stream`` it would not wait for a replay still running
-        on a user's stream (``with torch.cuda.stream(s): pipe(...)``). Recorded once per stream, checked at free time.
+        - The previous replay, on another stream, may still read the static inputs this one overwrites, or write the
+          output it copies: this stream waits for that one (on the device: no host sync).
+        - Once this loop is dropped (evicted, cleared, made stale), the allocator hands the memory the graph reads out
+          again on the stream it was allocated on, in that stream's order only: ``record_stream`` makes it wait for
+          this stream's work too. Recorded once per stream (the allocator checks at free time).
         """
-        if self.home_stream is None:
-            return
-        stream = torch.cuda.current_stream(self.device)
-        if stream == self.home_stream or stream in self.replay_streams:
+        if self.last_stream is not None and stream != self.last_stream:
+            stream.wait_stream(self.last_stream)
+        self.last_stream = stream
+        if stream in self.replay_streams:
             return
         self.replay_streams.add(stream)
-        for tensor in self._static_tensors():
+        for tensor in self._graph_tensors():
             tensor.record_stream(stream)
 
-    def _static_tensors(self) -> list[torch.Tensor]:
-        """The regular-allocator tensors the graph reads (its own activations live in its private pool); a view
-        stands for its whole allocation."""
-        return [*self.buffers.inputs.values(), *self.step_slots.values(), *self.buffers.timesteps[:1]]
+    def _graph_tensors(self) -> list[torch.Tensor]:
+        """The regular-allocator tensors on this device that the graph reads: the static inputs and step slots, and
+        from ``keep_alive`` the timestep slots, coefficient tables and module weights. (The graph's activations and
+        output live in its private pool, which is freed only after a device synchronization.)"""
+        tensors = [*self.buffers.inputs.values(), *self.step_slots.values()]
+        for kept in self.keep_alive:
+            if isinstance(kept, torch.Tensor):
+                tensors.append(kept)
+            elif isinstance(kept, torch.nn.Module):
+                tensors.extend(itertools.chain(kept.parameters(), kept.buffers()))
+        return [tensor for tensor in tensors if tensor.device == self.device]
 
 
 class CapturedLoopCache:
@@ -472,7 +482,6 @@ def _capture_loop(
     """Allocates the static buffers (filled with this call's tensor inputs) and captures the body over them."""
     num_steps = len(host_timesteps)
     with torch.cuda.device(device):
-        home_stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         # Static buffers are written in place by every later replay, which may run outside inference mode, where an
         # inference tensor cannot be written: they are normal tensors even when this call runs under inference_mode.
         with torch.inference_mode(False):
@@ -502,7 +511,6 @@ def _capture_loop(
         module_ids=module_ids,
         fingerprint=fingerprint,
         keep_alive=(timestep_slots, *keep_alive),
-        home_stream=home_stream,
     )
 
 

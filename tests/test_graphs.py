@@ -360,31 +360,48 @@ def test_a_capture_that_never_ended_gives_its_pool_back(monkeypatch, outcome):
         assert graphs._capture_streams == {}, "a failed capture's stream is not reused"
 
 
-def test_replays_on_other_streams_are_recorded_on_the_static_buffers_once(stand_in_graphs, module, monkeypatch):
-    # CPU tensors stand for the static buffers and strings for streams: what is checked is which tensors are
-    # recorded on which stream, and how often.
-    cache = CapturedLoopCache()
-    noise = {"noise": StepInput((3,), torch.float32, lambda n: torch.zeros(n, 3))}
-    loop = lookup(cache, torch.ones(3), module=module, step_inputs=noise)
-    loop.home_stream = "home"
-    current = ["home"]
-    recorded = []
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: recorded.append((tensor, stream)))
-    inputs = {"x": torch.ones(3), "scale": 2.0}
+class _NamedStream:
+    """A stand-in stream that logs which streams it was made to wait for."""
 
-    loop.replay(inputs, noise)
-    assert recorded == []
-    for stream in ("user", "user", "other", "home", "other"):
-        current[0] = stream
-        torch.testing.assert_close(loop.replay(inputs, noise), expected(torch.ones(3), 2.0))
-    static = [loop.buffers.inputs["x"], loop.buffers.inputs["scale"], loop.step_slots["noise"]]
-    for stream in ("user", "other"):
+    def __init__(self, name: str, waits: list):
+        self.name, self.waits = name, waits
+
+    def __eq__(self, other):
+        return isinstance(other, _NamedStream) and other.name == self.name
+
+    def __hash__(self):
+        return hash(self.name)
+
+    def wait_stream(self, other):
+        self.waits.append((self.name, other.name))
+
+
+def test_a_replay_on_another_stream_waits_for_the_last_and_records_the_graphs_memory_once(
+    stand_in_graphs, module, monkeypatch
+):
+    # CPU tensors stand for the device's (the loop's device is the CPU here): checked is which tensors are recorded
+    # on which stream, how often, and which stream waits for which (CapturedLoop.replay calls this on CUDA).
+    cache = CapturedLoopCache()
+    table = torch.zeros(4, 8)
+    noise = {"noise": StepInput((3,), torch.float32, lambda n: torch.zeros(n, 3))}
+    loop = lookup(cache, torch.ones(3), module=module, step_inputs=noise, keep_alive=(table, "not a tensor"))
+    recorded, waits = [], []
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: recorded.append((tensor, stream.name)))
+
+    for name in ("home", "home", "user", "user", "other", "home", "other"):
+        loop._enter_stream(_NamedStream(name, waits))
+    assert waits == [("user", "home"), ("other", "user"), ("home", "other"), ("other", "home")]
+
+    expected_tensors = [
+        loop.buffers.inputs["x"],
+        loop.buffers.inputs["scale"],
+        loop.step_slots["noise"],
+        loop.buffers.timesteps[0]._base,
+        table,
+        module.weight,
+        module.bias,
+    ]
+    for stream in ("home", "user", "other"):
         tensors = [tensor for tensor, recorded_on in recorded if recorded_on == stream]
-        assert len(tensors) == 4, f"{stream}: each static allocation once"
-        assert all(any(tensor is buffer for tensor in tensors) for buffer in static)
-        assert any(
-            tensor.untyped_storage().data_ptr() == loop.buffers.timesteps[0].untyped_storage().data_ptr()
-            for tensor in tensors
-        )
-    assert {stream for _, stream in recorded} == {"user", "other"}
+        assert len(tensors) == len(expected_tensors), f"{stream}: each allocation once"
+        assert all(any(tensor is kept for tensor in tensors) for kept in expected_tensors), stream

@@ -244,32 +244,58 @@ def test_replay_with_cpu_generator_noises_never_syncs(unet):
     assert max_diff(images, eager) <= 1e-5
 
 
-def test_replay_on_a_user_stream_records_the_static_buffers_there(unet, monkeypatch):
-    recorded = []
-    record_stream = torch.Tensor.record_stream
+def keep_busy(stream: torch.cuda.Stream) -> None:
+    """Queues tens of milliseconds of matmuls on ``stream``, so that what is queued after them is still pending."""
+    with torch.cuda.stream(stream):
+        busy = torch.randn(4096, 4096, device="cuda")
+        for _ in range(20):
+            busy = busy @ busy
 
-    def spy(tensor, stream):
-        recorded.append(stream)
-        record_stream(tensor, stream)
 
-    monkeypatch.setattr(torch.Tensor, "record_stream", spy)
+def device_latents(seed: int) -> torch.Tensor:
+    # Made on the device beforehand: a call from device latents, without a generator, queues its work and returns.
+    return torch.randn((2, 3, 8, 8), generator=generators(seed)).cuda()
+
+
+def test_replays_on_two_streams_are_ordered(unet):
     pipe = make_pipe(unet)
     kwargs = dict(batch_size=2, num_inference_steps=STEPS, output_type="pt")
-    expected = pipe(generator=generators(0), **kwargs).images  # captured on the default stream
-    assert recorded == []
-    user_stream = torch.cuda.Stream()
-    user_stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(user_stream):
-        first = pipe(generator=generators(0), **kwargs).images
-        count = len(recorded)
-        second = pipe(generator=generators(0), **kwargs).images
-    torch.cuda.current_stream().wait_stream(user_stream)
-    # Once per stream: the sample buffer and the timestep slots at least, and nothing more on the second replay.
-    assert count >= 2 and set(recorded) == {user_stream}
-    assert len(recorded) == count
+    latents = [device_latents(1), device_latents(2)]
+    expected = [pipe(latents=x, cuda_graph=False, **kwargs).images for x in latents]
+    pipe(latents=latents[0], **kwargs)  # captures
+    torch.cuda.synchronize()
+    first_stream, second_stream = torch.cuda.Stream(), torch.cuda.Stream()
+    keep_busy(first_stream)
+    with torch.cuda.stream(first_stream):
+        first = pipe(latents=latents[0], **kwargs).images
+    # Without ordering, this call's copy into the static sample would land before the first replay has read it.
+    with torch.cuda.stream(second_stream):
+        second = pipe(latents=latents[1], **kwargs).images
+    torch.cuda.synchronize()
     assert pipe.cuda_graph_cache_info().hits == 2
-    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert max_diff(expected[0], expected[1]) > 1e-2
+    assert max_diff(first, expected[0]) <= 1e-5 and max_diff(second, expected[1]) <= 1e-5
+
+
+def test_a_dropped_loop_keeps_its_buffers_until_a_user_streams_replay_is_done(unet):
+    pipe = make_pipe(unet)
+    kwargs = dict(batch_size=2, num_inference_steps=STEPS, output_type="pt")
+    pipe(latents=device_latents(1), **kwargs)  # captured on the default stream
+    static = list(next(iter(pipe._captured_loops()._loops.values())).buffers.inputs.values())
+    shapes = [(t.shape, t.dtype) for t in static]
+    pointers = {t.data_ptr() for t in static}
+    del static
+    torch.cuda.synchronize()
+    user_stream = torch.cuda.Stream()
+    keep_busy(user_stream)
+    with torch.cuda.stream(user_stream):
+        pipe(latents=device_latents(2), **kwargs)
     pipe.clear_cuda_graph_cache()
+    gc.collect()
+    # Allocated on the buffers' own stream while the replay is still queued: the allocator must not hand them out.
+    fresh = [torch.empty(shape, dtype=dtype, device="cuda") for shape, dtype in shapes]
+    assert not pointers & {t.data_ptr() for t in fresh}
+    torch.cuda.synchronize()
 
 
 def test_output_types_through_the_graph(unet):

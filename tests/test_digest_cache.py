@@ -3,11 +3,18 @@
 import hashlib
 import json
 import os
+import time
 
 import pytest
 
 from fastddim import digest_cache
 from fastddim.weight_variants import loaded_files_sha256
+
+
+@pytest.fixture(autouse=True)
+def files_written_long_ago(monkeypatch):
+    """The files these tests write are seconds old: seen from an hour later, none of them is racily clean."""
+    monkeypatch.setattr(digest_cache, "_now_ns", lambda: time.time_ns() + 3600 * 10**9)
 
 
 @pytest.fixture
@@ -75,6 +82,29 @@ def test_any_change_to_the_files_computes_again(cache_dir, files, change):
     assert len(calls) == 2
 
 
+def test_files_changed_just_before_are_not_remembered(cache_dir, files, monkeypatch):
+    # A file system's clock may be coarser than its ns fields: a write within the same tick could keep every stamp.
+    newest = max(max(path.stat().st_mtime_ns, path.stat().st_ctime_ns) for path in files)
+    monkeypatch.setattr(digest_cache, "_now_ns", lambda: newest + (digest_cache.RACY_SECONDS - 1) * 10**9)
+    compute, calls = counting("a" * 64)
+    for _ in range(2):
+        assert digest_cache.remembered_digest("key", files, compute) == "a" * 64
+    assert len(calls) == 2 and not (cache_dir / "digests.json").exists()
+    monkeypatch.setattr(digest_cache, "_now_ns", lambda: newest + (digest_cache.RACY_SECONDS + 1) * 10**9)
+    for _ in range(2):
+        digest_cache.remembered_digest("key", files, compute)
+    assert len(calls) == 3
+
+
+def test_a_file_removed_while_it_was_read_is_not_remembered(cache_dir, files):
+    def compute():
+        files[1].unlink()
+        return "a" * 64
+
+    assert digest_cache.remembered_digest("key", files, compute) == "a" * 64
+    assert not (cache_dir / "digests.json").exists()
+
+
 def test_empty_cache_dir_turns_remembering_off(tmp_path, files, monkeypatch):
     monkeypatch.setenv(digest_cache.CACHE_DIR_ENV, "")
     monkeypatch.chdir(tmp_path)
@@ -92,9 +122,15 @@ def test_default_location_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert digest_cache.cache_file() == tmp_path / "home" / ".cache" / "fastddim" / "digests.json"
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # no home folder: "~" stays "~"
+    assert digest_cache.cache_file() is None
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"key": {"files": [], "digest": 3}}', b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"[1, 2]", b'{"key": {"files": [], "digest": 3}}', b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000],
+    ids=["not-json", "not-a-dict", "bad-entry", "not-utf8", "too-deep"],
+)
 def test_an_unreadable_cache_is_ignored_and_replaced(cache_dir, files, content):
     cache_dir.mkdir()
     (cache_dir / "digests.json").write_bytes(content)

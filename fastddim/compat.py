@@ -494,10 +494,13 @@ def clip_text_transformer(text_encoder: torch.nn.Module) -> torch.nn.Module:
     return getattr(text_encoder, "text_model", text_encoder)
 
 
-def dtype_keyword() -> str:
-    """The keyword of a diffusers pipeline's ``from_pretrained`` for the load dtype: ``dtype`` where diffusers
-    deprecates ``torch_dtype`` with a FutureWarning (0.42.1, which resolves the two in ``_resolve_dtype``);
-    ``torch_dtype``, the only one known, before (0.35.2)."""
-    from diffusers.utils import deprecation_utils
+# diffusers versions whose from_pretrained (pipelines and models) take the load dtype as ``dtype`` and deprecate
+# ``torch_dtype``: 0.42 is where this was read; 0.35 knows only ``torch_dtype``. Versions between keep
+# ``torch_dtype``, which they all accept.
+_DTYPE_KEYWORD_DIFFUSERS = (0, 42)
 
-    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+def dtype_keyword() -> str:
+    """The keyword of diffusers' ``from_pretrained`` (pipelines and models) for the load dtype: ``dtype`` from
+    diffusers 0.42 (where ``torch_dtype`` raises a FutureWarning), ``torch_dtype`` before."""
+    return "dtype" if _diffusers_version() >= _DTYPE_KEYWORD_DIFFUSERS else "torch_dtype"

@@ -464,7 +464,7 @@ def load_pipeline(
     from diffusers import UNet2DModel
     from diffusers.utils import logging as diffusers_logging
 
-    from fastddim import DDIMPipeline, DDIMScheduler
+    from fastddim import DDIMPipeline, DDIMScheduler, compat
     from fastddim.weight_variants import component_variants, loaded_files_sha256
 
     # Loading notices (e.g. "accelerate not installed") are noise for a command-line user.
@@ -497,7 +497,7 @@ def load_pipeline(
             folder,
             subfolder=subfolder,
             variant=unet_variant,
-            torch_dtype=dtype,
+            **{compat.dtype_keyword(): dtype},
             low_cpu_mem_usage=False,
             output_loading_info=True,
         )

@@ -394,7 +394,7 @@ def _load_component(folder: pathlib.Path, name: str, index: dict, dtype: torch.d
             folder,
             subfolder=name,
             variant=variant,
-            torch_dtype=dtype,
+            **{compat.dtype_keyword(): dtype},
             low_cpu_mem_usage=False,
             output_loading_info=True,
         )

@@ -2,9 +2,10 @@
 
 diffusers and transformers name a variant's weights ``<stem>.<variant>.<format>`` (``diffusion_pytorch_model.fp16
 .safetensors``, ``model.fp16-00001-of-00002.safetensors``, index ``model.safetensors.index.fp16.json``; the older
-sharded naming ``model-00001-of-00002.fp16.safetensors`` with index ``model.safetensors.fp16.index.json`` too). As
-diffusers' pipelines do, a component loads the asked variant where it has one and its plain weights otherwise; a
-component with neither, or a variant no component has, is a one-line error here rather than a loader's multi-line one.
+sharded naming of diffusers' models ``diffusion_pytorch_model-00001-of-00002.fp16.safetensors`` with index
+``diffusion_pytorch_model.safetensors.fp16.index.json`` too). As diffusers' pipelines do, a component loads the asked
+variant where it has one and its plain weights otherwise; a component with neither, or a variant no component has, is
+a one-line error here rather than a loader's multi-line one.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ _SHARD = r"-\d{5}-of-\d{5}"
 _NAMES = (
     re.compile(rf"(?:{_STEMS})(?:\.(?P<variant>[^.]+?))?(?:{_SHARD})?\.(?P<format>{_FORMATS})"),
     re.compile(rf"(?:{_STEMS})\.(?P<format>{_FORMATS})\.index(?:\.(?P<variant>[^.]+))?\.json"),
-    # The sharded variant naming diffusers still loads with a deprecation warning.
-    re.compile(rf"(?:{_STEMS}){_SHARD}\.(?P<variant>[^.]+)\.(?P<format>{_FORMATS})"),
-    re.compile(rf"(?:{_STEMS})\.(?P<format>{_FORMATS})\.(?P<variant>[^.]+)\.index\.json"),
+    # The older sharded variant naming, which diffusers' models still load (with a deprecation warning) and
+    # transformers' do not.
+    re.compile(rf"diffusion_pytorch_model{_SHARD}\.(?P<variant>[^.]+)\.(?P<format>{_FORMATS})"),
+    re.compile(rf"diffusion_pytorch_model\.(?P<format>{_FORMATS})\.(?P<variant>[^.]+)\.index\.json"),
 )
 
 

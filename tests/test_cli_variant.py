@@ -184,9 +184,23 @@ def test_help_lists_variant(command, capsys):
         (["model.fp16-00001-of-00002.safetensors", "model.fp16-00002-of-00002.safetensors"], {"fp16"}),
         (["model.safetensors.index.ema.json", "model.ema-00001-of-00001.safetensors"], {"ema"}),
         (["diffusion_pytorch_model-00001-of-00002.safetensors", "pytorch_model.bin.index.json"], {None}),
+        (["diffusion_pytorch_model-00001-of-00002.fp16.safetensors", "config.json"], {"fp16"}),
+        (["diffusion_pytorch_model.safetensors.ema.index.json"], {"ema"}),
+        # transformers has no older naming: such a file is not taken for a variant it would not load.
+        (["model.safetensors", "model-00001-of-00002.fp16.safetensors"], {None}),
         (["config.json", "vocab.json", "merges.txt"], set()),
     ],
-    ids=["plain", "variant-and-plain", "sharded-variant", "variant-index", "sharded-plain", "no-weights"],
+    ids=[
+        "plain",
+        "variant-and-plain",
+        "sharded-variant",
+        "variant-index",
+        "sharded-plain",
+        "older-sharded-variant",
+        "older-variant-index",
+        "older-naming-in-transformers",
+        "no-weights",
+    ],
 )
 def test_variants_in_reads_diffusers_and_transformers_names(names, variants, tmp_path):
     for name in names:

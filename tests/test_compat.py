@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import diffusers
 import pytest
 import torch
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
@@ -123,3 +124,10 @@ def test_kernel_and_scheduler_tests_pass_with_safe_launch():
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-2000:]
     assert " passed" in completed.stdout
+
+
+@pytest.mark.parametrize(("version", "keyword"), [("0.35.2", "torch_dtype"), ("0.41.0", "torch_dtype"),
+                                                  ("0.42.1", "dtype"), ("1.0.0", "dtype")])  # fmt: skip
+def test_dtype_keyword_follows_the_diffusers_version(monkeypatch, version, keyword):
+    monkeypatch.setattr(diffusers, "__version__", version)
+    assert compat.dtype_keyword() == keyword
